@@ -1,0 +1,25 @@
+"""BatchRenorm against torch's BatchNorm (targets: <= 1.15x time, <= 1.1x peak memory)."""
+
+from __future__ import annotations
+
+from harness import Case, native_bn, norm_step
+
+import normlab
+
+SHAPES = [(32, 64, 16, 16), (256, 64, 32, 32), (512, 1024)]
+
+
+def _brn(shape: tuple[int, ...]):
+    def make():
+        layer = normlab.BatchRenorm(shape[1], r_max=3.0, d_max=5.0)
+        # Non-trivial running statistics so that r and d are neither 1/0 nor clipped everywhere.
+        layer.running_var.fill_(0.8)
+        layer.running_mean.fill_(0.05)
+        return norm_step(layer, shape)
+
+    return make
+
+
+CASES = [
+    Case("BatchRenorm", "brn", s, _brn(s), lambda s=s: norm_step(native_bn(s), s), 1.15, 1.1) for s in SHAPES
+]

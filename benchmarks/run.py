@@ -1,0 +1,72 @@
+"""Run the benchmarks: ``python benchmarks/run.py [--only NAME ...] [--repeats N] [--markdown FILE]``.
+
+Every case compares a normlab layer with torch's native BatchNorm on the same shape in the same
+run, and prints the time and peak-memory ratios with their targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from harness import markdown, run_case  # noqa: E402
+
+
+def machine() -> str:
+    """A one-line description of this machine and software."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, {datetime.date.today().isoformat()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", default=None, help="case files to run, e.g. brn dbn cbn")
+    p.add_argument("--repeats", type=int, default=15, help="timed repetitions per case (median taken)")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    names = sorted(f.stem.removeprefix("cases_") for f in HERE.glob("cases_*.py"))
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            p.error(f"unknown case files {unknown}; known: {names}")
+        names = [n for n in names if n in args.only]
+    results = []
+    for name in names:
+        for case in importlib.import_module(f"cases_{name}").CASES:
+            r = run_case(case, args.repeats)
+            print(
+                f"{case.group:>24} {case.label:>22} {'x'.join(map(str, case.shape)):>16}  "
+                f"time {r.time_ratio:5.2f}x  memory {r.memory_ratio:5.2f}x  {'ok' if r.ok else 'MISSED'}",
+                flush=True,
+            )
+            results.append(r)
+    table = f"Machine: {machine()}\n\n{markdown(results)}\n"
+    print()
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
