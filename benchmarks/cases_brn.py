@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from harness import Case, native_bn, norm_step
-
 import normlab
+
+from harness import Case, native_bn, norm_step
 
 SHAPES = [(32, 64, 16, 16), (256, 64, 32, 32), (512, 1024)]
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LOW_PRECISION, NormBase, channel_affine, channel_moments, ema, reduce_dims
+from .base import NormBase, channel_affine, channel_moments
 from .registry import build_normbase, register
 
 __all__ = ["BatchRenorm", "Ramp", "paper_schedule", "batch_renorm"]
@@ -76,46 +76,114 @@ def paper_schedule(scale: float = 1.0) -> dict[str, Ramp]:
     }
 
 
+def renorm_corrections(
+    mean: Tensor,
+    sigma_b: Tensor,
+    running_mean: Tensor,
+    sigma: Tensor,
+    r_max: Tensor | float,
+    d_max: Tensor | float,
+) -> tuple[Tensor, Tensor]:
+    """The paper's ``r = clip(sigma_B / sigma)`` and ``d = clip((mu_B - mu) / sigma)``, without gradient."""
+    with torch.no_grad():
+        r = sigma_b.detach() / sigma
+        d = (mean.detach() - running_mean).div_(sigma)
+        if isinstance(r_max, Tensor) or isinstance(d_max, Tensor):
+            r_max = torch.as_tensor(r_max, dtype=r.dtype, device=r.device)
+            d_max = torch.as_tensor(d_max, dtype=r.dtype, device=r.device)
+            return torch.minimum(torch.maximum(r, 1 / r_max), r_max), torch.minimum(torch.maximum(d, -d_max), d_max)
+        return r.clamp_(1 / r_max, r_max), d.clamp_(-d_max, d_max)
+
+
+def _folded_affine(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Weight ``gamma r`` and bias ``gamma d + beta`` of the equivalent batch normalization."""
+    if weight is None:
+        return r, d if bias is None else d + bias
+    return weight * r, weight * d if bias is None else torch.addcmul(bias, weight, d)
+
+
+def _train_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    r_max: Tensor,
+    d_max: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mu_B, sigma_B, sigma, r, d, gamma r)`` of one training step (no running update)."""
+    # The native statistics pass (mean and biased variance; float32 for half inputs), then the
+    # native inference kernel with the batch statistics and the folded affine (gamma r, gamma d + beta).
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    mean, var = mean.to(running_mean.dtype), var.to(running_mean.dtype)
+    sigma_b = (var + eps).sqrt_()
+    sigma = (running_var + eps).sqrt_()
+    r, d = renorm_corrections(mean, sigma_b, running_mean, sigma, r_max, d_max)
+    w_eff, b_eff = _folded_affine(weight, bias, r, d)
+    if x.dim() == 2:
+        # For (N, C) inputs one fused multiply-add is faster than the strided inference kernel.
+        y = channel_affine(x, mean, sigma_b.reciprocal(), w_eff, b_eff)
+    else:
+        y = torch.batch_norm(x, w_eff, b_eff, mean, var, False, 0.0, eps, False)
+    return y, mean, sigma_b, sigma, r, d, w_eff.clone() if w_eff is r else w_eff
+
+
+# Under torch.compile the step is a custom op with its own backward: opaque to the compiler, so
+# the compiled backward reads the r, d and statistics saved by the forward and never recomputes
+# them from the running buffers, which the same step updates in place. In eager mode the same
+# forward and backward run as an autograd.Function, which dispatches with less overhead.
+_renorm_train = torch.library.custom_op("normlab::batch_renorm_train", _train_forward, mutates_args=())
+
+
+@_renorm_train.register_fake
+def _(x, weight, bias, running_mean, running_var, r_max, d_max, eps):  # noqa: ANN001, ANN202
+    stat = running_mean.new_empty(running_mean.shape)
+    y = torch.empty_like(x)
+    return y, stat, stat.clone(), stat.clone(), stat.clone(), stat.clone(), stat.clone()
+
+
+def _renorm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, bias, *_, eps = inputs
+    _, mean, sigma_b, _, r, d, w_eff = output
+    ctx.save_for_backward(x, w_eff, mean, sigma_b, r, d)
+    ctx.eps = eps
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _renorm_backward(ctx, grad_y, *_):  # noqa: ANN001, ANN202
+    x, w_eff, mean, sigma_b, r, d = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    # Gradients of batch normalization with weight gamma r, through mu_B and sigma_B, with r and
+    # d constant, as the paper prescribes; then dL/dgamma = r dL/d(gamma r) + d dL/d(gamma d + beta).
+    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        grad_y.contiguous(memory_format=_memory_format(x)),
+        x,
+        w_eff,
+        None,
+        None,
+        mean,
+        sigma_b.reciprocal(),
+        True,
+        ctx.eps,
+        [need_x, need_w, need_w or need_b],
+    )
+    g_weight = torch.addcmul(gb * d, gw, r) if (need_w and ctx.has_weight) else None
+    g_bias = gb if (need_b and ctx.has_bias) else None
+    return gx if need_x else None, g_weight, g_bias, None, None, None, None, None
+
+
+_renorm_train.register_autograd(_renorm_backward, setup_context=_renorm_setup)
+
+
 class _RenormFunction(torch.autograd.Function):
-    """Training-mode batch renormalization on the native batch-norm backward kernel."""
-
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, r_max, d_max, eps):  # noqa: ANN001, ANN205
-        xs = x.float() if x.dtype in LOW_PRECISION else x
-        var, mean = torch.var_mean(xs, dim=reduce_dims(x), correction=0)
-        invstd = torch.rsqrt(var + eps)
-        r, d = renorm_corrections(mean, var, running_mean, running_var, r_max, d_max, eps)
-        w_eff = r if weight is None else weight * r
-        b_eff = d if weight is None else weight * d
-        if bias is not None:
-            b_eff = b_eff + bias
-        y = channel_affine(x, mean, invstd, w_eff, b_eff)
-        ctx.save_for_backward(x, w_eff, mean, invstd, r, d)
-        ctx.eps = eps
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+    def forward(*inputs):  # noqa: ANN002, ANN205
+        return _train_forward(*inputs)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, _gm, _gv):  # noqa: ANN001, ANN205
-        x, w_eff, mean, invstd, r, d = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            grad_y.contiguous(memory_format=_memory_format(x)),
-            x,
-            w_eff,
-            None,
-            None,
-            mean,
-            invstd,
-            True,
-            ctx.eps,
-            [need_x, need_w, need_w or need_b],
-        )
-        g_weight = (gw * r + gb * d) if (need_w and ctx.has_weight) else None
-        g_bias = gb if (need_b and ctx.has_bias) else None
-        return gx if need_x else None, g_weight, g_bias, None, None, None, None, None
+    setup_context = staticmethod(_renorm_setup)
+    backward = staticmethod(torch.autograd.function.once_differentiable(_renorm_backward))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -126,28 +194,8 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _limit(limit: Limit, step: Tensor) -> Tensor | float:
-    return limit(step) if callable(limit) else limit
-
-
-def renorm_corrections(
-    mean: Tensor,
-    var: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    r_max: Tensor | float,
-    d_max: Tensor | float,
-    eps: float,
-) -> tuple[Tensor, Tensor]:
-    """The paper's ``r`` and ``d`` (no gradient) from batch and running statistics."""
-    with torch.no_grad():
-        sigma_b = torch.sqrt(var.detach() + eps)
-        sigma = torch.sqrt(running_var.to(sigma_b.dtype) + eps)
-        r_max = torch.as_tensor(r_max, dtype=sigma.dtype, device=sigma.device)
-        d_max = torch.as_tensor(d_max, dtype=sigma.dtype, device=sigma.device)
-        r = torch.minimum(torch.maximum(sigma_b / sigma, 1 / r_max), r_max)
-        d = torch.minimum(torch.maximum((mean.detach() - running_mean.to(sigma.dtype)) / sigma, -d_max), d_max)
-    return r, d
+def _as_tensor(limit: Tensor | float, x: Tensor) -> Tensor:
+    return limit if isinstance(limit, Tensor) else torch.tensor(float(limit), device=x.device)
 
 
 def batch_renorm(
@@ -156,27 +204,42 @@ def batch_renorm(
     running_var: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    r_max: Tensor | float,
-    d_max: Tensor | float,
+    r_max: Tensor | float = 3.0,
+    d_max: Tensor | float = 5.0,
     eps: float = 1e-5,
+    momentum: Tensor | float | None = None,
     group: Any | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tensor:
     """Training-mode batch renormalization of ``x`` ``(N, C, *)``.
 
-    Returns ``(y, mu_B, biased var_B, m)``; the running statistics are read, not updated. With a
-    process ``group`` the batch statistics are those of the global batch.
+    Like ``F.batch_norm(training=True)``: with ``momentum`` given, ``running_mean`` and
+    ``running_var`` are updated in place (``mu`` and ``sigma = sqrt(running_var + eps)`` move
+    towards ``mu_B`` and ``sigma_B`` at that rate). With a process ``group`` the batch statistics
+    are those of the global batch over the group.
     """
     if group is None:
-        y, mean, var = _RenormFunction.apply(x, weight, bias, running_mean, running_var, r_max, d_max, eps)
-        count = x.numel() // x.size(1)
-        return y, mean, var, torch.tensor(float(count), device=x.device)
-    mean, var, count = channel_moments(x, group)
-    r, d = renorm_corrections(mean, var, running_mean, running_var, r_max, d_max, eps)
-    w_eff = r if weight is None else weight * r
-    b_eff = d if weight is None else weight * d
-    if bias is not None:
-        b_eff = b_eff + bias
-    return channel_affine(x, mean, torch.rsqrt(var + eps), w_eff, b_eff), mean.detach(), var.detach(), count
+        if torch.compiler.is_compiling():
+            outputs = _renorm_train(
+                x, weight, bias, running_mean, running_var, _as_tensor(r_max, x), _as_tensor(d_max, x), eps
+            )
+        else:
+            outputs = _RenormFunction.apply(x, weight, bias, running_mean, running_var, r_max, d_max, eps)
+        y, mean, sigma_b, sigma = outputs[:4]
+    else:
+        mean, var, _ = channel_moments(x, group)
+        sigma_b = torch.sqrt(var + eps)
+        with torch.no_grad():
+            sigma = torch.sqrt(running_var + eps)
+        r, d = renorm_corrections(mean, sigma_b, running_mean, sigma, r_max, d_max)
+        w_eff, b_eff = _folded_affine(weight, bias, r, d)
+        y = channel_affine(x, mean, 1 / sigma_b, w_eff, b_eff)
+    if momentum is not None:
+        with torch.no_grad():
+            # The paper moves sigma, not the variance; running_var stores sigma^2 - eps.
+            running_mean.lerp_(mean.detach(), momentum)
+            sigma.lerp_(sigma_b.detach(), momentum)
+            running_var.copy_(sigma.square_().sub_(eps).clamp_min_(0))
+    return y
 
 
 class BatchRenorm(NormBase):
@@ -225,30 +288,32 @@ class BatchRenorm(NormBase):
         return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
 
     def limits(self) -> tuple[Tensor | float, Tensor | float]:
-        """This step's ``(r_max, d_max)``, from the schedule if one was given."""
+        """This step's ``(r_max, d_max)``: the schedule at ``num_batches_tracked`` steps done."""
         step = self.num_batches_tracked
-        return _limit(self.r_max, step), _limit(self.d_max, step)
+        r_max = self.r_max(step) if callable(self.r_max) else self.r_max
+        d_max = self.d_max(step) if callable(self.d_max) else self.d_max
+        return r_max, d_max
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         if not self.use_batch_stats():
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         r_max, d_max = self.limits()
-        y, mean, var, _ = batch_renorm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, r_max, d_max, self.eps, self.sync_group()
+        factor = self.step_factor() if self.updates_running_stats() else None
+        if isinstance(factor, Tensor):
+            factor = factor.to(self.running_mean.dtype)
+        return batch_renorm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            r_max,
+            d_max,
+            self.eps,
+            factor,
+            self.sync_group(),
         )
-        if self.updates_running_stats():
-            self._update(mean, var)
-        return y
-
-    @torch.no_grad()
-    def _update(self, mean: Tensor, var: Tensor) -> None:
-        # The paper moves sigma (not the variance) towards sigma_B = sqrt(var_B + eps).
-        factor = self.step_factor()
-        sigma = torch.sqrt(self.running_var + self.eps)
-        ema(sigma, torch.sqrt(var + self.eps), factor)
-        ema(self.running_mean, mean, factor)
-        self.running_var.copy_((sigma * sigma - self.eps).clamp_min(0))
 
 
 register(

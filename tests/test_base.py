@@ -1,0 +1,67 @@
+"""The shared mechanics in normlab.base, and normlab.BatchNorm (torch's kernel for any rank)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab.base import Moments, batch_moments, channel_moments, check_input, inference_affine, load_statistics
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (5, 3, 4), (2, 3, 4, 5), (2, 3, 2, 3, 2)])
+def test_channel_moments_match_definition(shape):
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    mean, var, count = channel_moments(x)
+    flat = x.transpose(0, 1).reshape(shape[1], -1)
+    torch.testing.assert_close(mean, flat.mean(1))
+    torch.testing.assert_close(var, flat.var(1, unbiased=False))
+    assert int(count) == flat.shape[1]
+
+
+def test_channel_moments_low_precision_in_float32():
+    x = torch.randn(16, 4, dtype=torch.bfloat16)
+    mean, var, _ = channel_moments(x)
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32
+
+
+def test_check_input_messages():
+    with pytest.raises(ValueError, match=r"Layer: expected 4 channels in dimension 1 .* got shape \(2, 5\)"):
+        check_input("Layer", torch.zeros(2, 5), 4, training=False)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        check_input("Layer", torch.zeros(4), 4, training=False)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        check_input("Layer", torch.zeros(1, 4, 1, 1), 4, training=True)
+    check_input("Layer", torch.zeros(1, 4, 1, 2), 4, training=True)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5), (2, 4, 3, 3), (2, 4, 2, 2, 2)])
+def test_normlab_batchnorm_is_torch_batchnorm_for_any_rank(shape):
+    torch.manual_seed(0)
+    ours = normlab.BatchNorm(4)
+    theirs = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)](4)
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    theirs.load_state_dict(ours.state_dict())
+    with pytest.raises(ValueError, match="BatchNorm: expected 4 channels"):
+        ours(torch.randn(2, 3))
+
+
+def test_statistics_interface_for_torch_batchnorm():
+    bn = nn.BatchNorm2d(3).eval()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float32)
+    m = batch_moments(bn, x)
+    assert isinstance(m, Moments) and m.count == 100
+    load_statistics(bn, m.mean, m.var * m.count / (m.count - 1))
+    torch.testing.assert_close(bn.running_var, x.var((0, 2, 3)))
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    a, b = inference_affine(bn)
+    torch.testing.assert_close(bn(x), x * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="running statistics"):
+        batch_moments(nn.BatchNorm2d(3, track_running_stats=False), x)
+    with pytest.raises(ValueError, match="running statistics"):
+        inference_affine(nn.LayerNorm(3))
