@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import NormBase, channel_affine, channel_moments
+from .base import NormBase, channel_affine, channel_moments, memory_format_of
 from .registry import build_normbase, register
 
 __all__ = ["BatchRenorm", "Ramp", "paper_schedule", "batch_renorm"]
@@ -158,7 +158,7 @@ def _renorm_backward(ctx, grad_y, *_):  # noqa: ANN001, ANN202
     # Gradients of batch normalization with weight gamma r, through mu_B and sigma_B, with r and
     # d constant, as the paper prescribes; then dL/dgamma = r dL/d(gamma r) + d dL/d(gamma d + beta).
     gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-        grad_y.contiguous(memory_format=_memory_format(x)),
+        grad_y.contiguous(memory_format=memory_format_of(x)),
         x,
         w_eff,
         None,
@@ -184,14 +184,6 @@ class _RenormFunction(torch.autograd.Function):
 
     setup_context = staticmethod(_renorm_setup)
     backward = staticmethod(torch.autograd.function.once_differentiable(_renorm_backward))
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _as_tensor(limit: Tensor | float, x: Tensor) -> Tensor:

@@ -1,0 +1,682 @@
+"""Cross-Iteration Batch Normalization (Yao, Cao, Zheng, Huang, Lin, "Cross-Iteration Batch
+Normalization", CVPR 2021, arXiv 2002.05712), for training with tiny batches.
+
+Let ``theta`` be the weights of the layer whose output the normalization receives (the *producer*,
+a convolution or linear layer) and ``mu_t``, ``nu_t`` the per-channel mean and mean square
+``E[x^2]`` of the current batch. The statistics of iteration ``t - tau`` were computed under older
+weights; a first-order Taylor step moves them to the current ones::
+
+    mu_{t-tau}(theta_t) = mu_{t-tau} + d mu_{t-tau} / d theta . (theta_t - theta_{t-tau})
+    nu_{t-tau}(theta_t) = nu_{t-tau} + d nu_{t-tau} / d theta . (theta_t - theta_{t-tau})
+
+and the window of the current and the ``k - 1`` previous iterations is pooled::
+
+    mu_bar     = (1/k) sum_tau mu_{t-tau}(theta_t)
+    nu_bar     = (1/k) sum_tau max(nu_{t-tau}(theta_t), mu_{t-tau}(theta_t)^2)
+    sigma_bar2 = nu_bar - mu_bar^2
+    y          = gamma * (x - mu_bar) / sqrt(sigma_bar2 + eps) + beta
+
+Gradients flow through the current ``mu_t`` and ``nu_t`` only; the stored statistics are
+constants. Only the producer's weights are compensated (the paper shows that the earlier layers'
+effect is negligible). For the first ``burn_in`` training steps the layer is plain batch
+normalization and stores nothing; the window then fills over the next ``k - 1`` steps (until it is
+full, the pool is over the iterations stored so far). ``running_mean``/``running_var`` follow the
+current batch's statistics exactly as in BatchNorm and are what inference uses.
+
+Closed-form derivatives. For a producer ``y_c = W_c . p + b_c`` over input patches ``p`` (a
+convolution, groups allowed, or a linear layer), ``mu_c`` depends on ``W_c`` alone and::
+
+    d mu_c / d W_c = mean_i p_i                 (the mean input patch, the same for every c of a group)
+    d nu_c / d W_c = (2/m) sum_i y_ic p_i       (a weight gradient with grad_output 2 y / m)
+    d mu_c / d b_c = 1,   d nu_c / d b_c = 2 mu_c
+
+The first is a sum of strided slices of the batch-summed input (one per kernel offset), the second
+one weight-gradient call (``aten.convolution_backward``, or a matmul for a linear layer); no
+autograd graph is built or kept. A producer bias is compensated as well (it shifts ``mu`` and
+``nu``) with the bias terms above, so of it only the bias itself is stored. ``max(nu, mu^2)`` is the
+paper's rule (its public code instead drops window entries whose compensated variance is negative).
+
+Because ``mu`` is linear in ``theta`` the compensated mean is exact; the compensated mean square is
+exact to first order (its error is quadratic in the weight change).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import NormBase, channel_affine, channel_moments, global_sum, memory_format_of
+from .registry import ConversionReport, build_normbase, register
+
+__all__ = ["CrossIterationBatchNorm", "pooled_batch_norm", "producer_derivatives", "compensate", "find_producer"]
+
+PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# The state that BatchNorm checkpoints lack; loading one resets it (see _load_from_state_dict).
+_WINDOW_FLOATS = ("window_mean", "window_sqmean", "window_weight", "window_bias", "window_dmean", "window_dsqmean")
+_WINDOW_STATE = ("num_steps", "window_count", *_WINDOW_FLOATS)
+
+
+# ----------------------------------------------------------------------------------- functional core
+def _pool(
+    mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``mu_bar`` and ``sigma_bar^2`` of the pooled window from the current batch's mean and biased variance."""
+    past_mean = past_mean.detach().to(mean.dtype)
+    past_sqmean = past_sqmean.detach().to(mean.dtype)
+    n = past_mean.size(0) + 1
+    # max(nu, mu^2): a compensated nu may fall below mu^2; the current nu_t = var + mu^2 never does.
+    past_sqmean = torch.maximum(past_sqmean, past_mean * past_mean)
+    mean_bar = (mean + past_mean.sum(0)) / n
+    sqmean_bar = (var + mean * mean + past_sqmean.sum(0)) / n
+    return mean_bar, (sqmean_bar - mean_bar * mean_bar).clamp_min(0)
+
+
+class _PooledNormFunction(torch.autograd.Function):
+    """``y = gamma (x - mu_bar) / sqrt(sigma_bar^2 + eps) + beta`` on torch's native batch-norm kernels.
+
+    With ``n`` pooled iterations and the past ones constant, ``d mu_bar / d mu_t = d nu_bar / d nu_t
+    = 1/n``, and the input gradient works out to batch normalization's with its two batch-mean terms
+    divided by ``n``::
+
+        dx = gamma s (g - mean(g) / n - x_hat mean(g x_hat) / n),   s = 1 / sqrt(sigma_bar^2 + eps)
+           = [native BN backward with weight gamma / n] + (1 - 1/n) gamma s g
+
+    where the native kernel is given ``mu_bar`` and ``s`` as the saved statistics. ``dgamma =
+    sum(g x_hat)`` and ``dbeta = sum(g)`` as in BN. Returns ``y`` and, without gradient, the current
+    batch's mean and biased variance.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, past_mean, past_sqmean, eps):  # noqa: ANN001, ANN205
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        mean, var = mean.to(past_mean.dtype), var.to(past_mean.dtype)
+        mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean)
+        # Parameters in the statistics dtype: the CPU kernels take half inputs with float32 parameters.
+        gamma = None if weight is None else weight.to(mean.dtype)
+        beta = None if bias is None else bias.to(mean.dtype)
+        y = torch.batch_norm(x, gamma, beta, mean_bar, var_bar, False, 0.0, eps, False)
+        invstd = torch.rsqrt(var_bar + eps)
+        n = past_mean.size(0) + 1
+        ctx.save_for_backward(x, gamma, mean_bar, invstd)
+        ctx.n, ctx.eps = n, eps
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, *_):  # noqa: ANN001, ANN205
+        x, weight, mean_bar, invstd = ctx.saved_tensors
+        n = ctx.n
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gamma = weight if weight is not None else torch.ones_like(invstd)
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad_y.contiguous(memory_format=memory_format_of(x)),
+            x,
+            gamma / n,
+            None,
+            None,
+            mean_bar,
+            invstd,
+            True,
+            ctx.eps,
+            [need_x, need_w, need_b],
+        )
+        if need_x and n > 1:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            gx.addcmul_(grad_y, (gamma * invstd * ((n - 1) / n)).to(gx.dtype).reshape(shape))
+        w_dtype, b_dtype = ctx.dtypes
+        return (
+            gx if need_x else None,
+            gw.to(w_dtype) if need_w and weight is not None else None,
+            gb.to(b_dtype) if need_b else None,
+            None,
+            None,
+            None,
+        )
+
+
+def pooled_batch_norm(
+    x: Tensor,
+    past_mean: Tensor,
+    past_sqmean: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-5,
+    group: Any | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normalize ``x`` ``(N, C, *)`` with its batch statistics pooled with those of past iterations.
+
+    ``past_mean`` and ``past_sqmean`` are ``(n, C)``: the (already compensated) means and mean
+    squares ``E[x^2]`` of ``n`` earlier iterations, treated as constants; ``n = 0`` is batch
+    normalization. Returns ``y`` and the current batch's mean, biased variance and sample count
+    (without gradient; global over ``group`` when one is given).
+    """
+    if group is None:
+        sdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        y, mean, var = _PooledNormFunction.apply(
+            x, weight, bias, past_mean.detach().to(sdt), past_sqmean.detach().to(sdt), eps
+        )
+        count = torch.tensor(float(x.numel() // x.size(1)), dtype=mean.dtype, device=x.device)
+        return y, mean, var, count
+    # Synchronized: the global statistics and their gradients through global_sum's all_reduce.
+    mean, var, count = channel_moments(x, group)
+    mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean)
+    y = channel_affine(x, mean_bar, torch.rsqrt(var_bar + eps), weight, bias)
+    return y, mean.detach(), var.detach(), count
+
+
+def _flat_patch_args(producer: nn.Module, inp: Tensor) -> tuple[Tensor, list[int]]:
+    """The producer's input with any padding it does not express as symmetric zeros applied, and the padding left."""
+    padding = producer.padding
+    if isinstance(padding, str) or producer.padding_mode != "zeros":
+        mode = "constant" if producer.padding_mode == "zeros" else producer.padding_mode
+        return F.pad(inp, producer._reversed_padding_repeated_twice, mode=mode), [0] * (inp.dim() - 2)
+    return inp, list(padding)
+
+
+def _patch_sum(
+    x: Tensor, kernel: Sequence[int], out_size: Sequence[int], stride: list[int], padding: list[int],
+    dilation: list[int],
+) -> Tensor:
+    """``sum_positions patch`` of ``x`` ``(C, *spatial)``: ``(C, *kernel)``, one strided slice per kernel offset."""
+    pad = [p for p in reversed(padding) for _ in range(2)]
+    x = F.pad(x, pad) if any(pad) else x
+    dims = list(range(1, x.dim()))
+    sums = []
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        index = [slice(None)] + [
+            slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in zip(offset, dilation, stride, out_size)
+        ]
+        sums.append(x[tuple(index)].sum(dims))
+    return torch.stack(sums, 1).reshape(x.size(0), *kernel)
+
+
+@torch.no_grad()
+def _derivative_sums(producer: nn.Module, inp: Tensor, out: Tensor, group: Any | None) -> tuple[Tensor, Tensor]:
+    """``sum_i p_i`` per group and ``sum_i y_ic p_i`` per channel (see :func:`producer_derivatives`)."""
+    w = producer.weight
+    if isinstance(producer, nn.Linear):
+        dsq = out.t().mm(inp)
+        dmu = inp.sum(0, keepdim=True)
+    else:
+        inp, padding = _flat_patch_args(producer, inp)
+        stride, dilation, groups = list(producer.stride), list(producer.dilation), producer.groups
+        # d nu: the weight gradient of the producer for grad_output = y (times 2/m below).
+        dsq = torch.ops.aten.convolution_backward(
+            out, inp, out.new_empty(1).expand(w.shape), None, stride, padding, dilation,
+            False, [0], groups, (False, True, False),
+        )[1]
+        # d mu: the sum of the input patches over the batch and the output positions.
+        dmu = _patch_sum(inp.sum(0), w.shape[2:], out.shape[2:], stride, padding, dilation)
+        dmu = dmu.reshape(groups, inp.size(1) // groups, *w.shape[2:])
+    dmu, dsq = global_sum([dmu, dsq], group)
+    return dmu, dsq
+
+
+@torch.no_grad()
+def producer_derivatives(
+    producer: nn.Module, inp: Tensor, out: Tensor, count: Tensor, group: Any | None = None
+) -> tuple[Tensor, Tensor]:
+    """Closed-form ``d mu / d W`` and ``d nu / d W`` of the producer's output channels.
+
+    ``inp``/``out`` are the producer's input and output of this step and ``count`` the number of
+    samples per channel (global over ``group``). Returns ``dmean`` of shape ``(groups, *W.shape[1:])``
+    (``d mu_c / d W_c`` is the same for all output channels ``c`` of a group) and ``dsqmean`` of
+    ``W.shape``. With a process ``group`` the sums travel in one all_reduce, so both are the
+    derivatives of the global statistics.
+    """
+    dmu, dsq = _derivative_sums(producer, inp, out, group)
+    return dmu / count, dsq * (2 / count)
+
+
+@torch.no_grad()
+def compensate(
+    mean: Tensor,
+    sqmean: Tensor,
+    dmean: Tensor,
+    dsqmean: Tensor,
+    old_weight: Tensor,
+    weight: Tensor,
+    old_bias: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """First-order Taylor step of stored statistics ``(n, C)`` to the producer's current weights.
+
+    With ``F`` the fan-in of one output channel (``W[c].numel()``): ``dmean`` is ``(n, groups, F)``,
+    ``dsqmean`` and ``old_weight`` are ``(n, C, F)``, ``weight`` is ``W`` (any shape ``(C, ...)``);
+    ``old_bias`` ``(n, C)`` and ``bias`` ``(C,)`` when the producer has one.
+    Returns the compensated ``mu_{t-tau}(theta_t)`` and ``nu_{t-tau}(theta_t)``.
+    """
+    n, c = mean.shape
+    groups = dmean.size(1)
+    delta = (weight.reshape(c, -1).to(old_weight.dtype) - old_weight).reshape(n, groups, c // groups, -1)
+    d_mu = torch.einsum("ngof,ngf->ngo", delta, dmean.reshape(n, groups, -1)).reshape(n, c)
+    d_nu = (delta.reshape(n, c, -1) * dsqmean.reshape(n, c, -1)).sum(-1)
+    if bias is not None and old_bias is not None:
+        delta_b = bias.to(old_bias.dtype) - old_bias
+        d_mu = d_mu + delta_b
+        d_nu = d_nu + 2 * mean * delta_b
+    return mean + d_mu, sqmean + d_nu
+
+
+# ----------------------------------------------------------------------------------- pairing
+class _ProducerHook:
+    """Forward hook on the producer that hands its input and output to the paired layer.
+
+    It holds the layer weakly, so a layer that is replaced (e.g. by ``convert``) lets its hook go
+    quiet instead of being kept alive by it. Deep copies follow the layer through the copy's memo,
+    so ``copy.deepcopy(model)`` leaves the copied producer hooked to the copied layer.
+    """
+
+    def __init__(self, layer: CrossIterationBatchNorm) -> None:
+        self.ref = weakref.ref(layer)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        layer = self.ref()
+        if layer is not None and layer.training and args and isinstance(output, Tensor):
+            layer._captured = (args[0], output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ProducerHook:
+        layer = self.ref()
+        return _ProducerHook(copy.deepcopy(layer, memo)) if layer is not None else _DeadHook()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"layer": self.ref()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        layer = state["layer"]
+        self.ref = weakref.ref(layer) if layer is not None else (lambda: None)
+
+
+class _DeadHook(_ProducerHook):
+    """A hook whose layer is gone: does nothing."""
+
+    def __init__(self) -> None:
+        self.ref = lambda: None
+
+
+def _supported(producer: nn.Module) -> bool:
+    return isinstance(producer, PRODUCERS)
+
+
+def _out_channels(producer: nn.Module) -> int:
+    return producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+
+
+# ----------------------------------------------------------------------------------- module
+class CrossIterationBatchNorm(NormBase):
+    """Cross-Iteration Batch Normalization over inputs ``(N, C, *)`` (Yao et al. 2021).
+
+    Args:
+        num_features: ``C``.
+        eps: added to the pooled variance.
+        momentum: rate of ``running_mean``/``running_var`` (``None``: cumulative average).
+        affine: learnable ``gamma``/``beta``.
+        track_running_stats: keep BatchNorm's running statistics for inference (without them, eval
+            mode normalizes with the batch's own statistics, as torch does).
+        window: ``k``, the number of iterations pooled (the current one and ``k - 1`` stored ones);
+            the paper uses 8 for ImageNet. ``window=1`` is batch normalization.
+        burn_in: training steps of plain batch normalization before the window is used (the paper
+            uses a burn-in while the weights still change fast); 0 starts the window at once.
+
+    Pairing. The compensation needs the producer, the convolution (``nn.Conv1d/2d/3d``, any groups,
+    stride, dilation and padding mode; not transposed) or ``nn.Linear`` (2-D input) whose output goes
+    straight into this layer: ``CrossIterationBatchNorm(64).attach(conv)`` by hand, or
+    :func:`normlab.convert` with ``"cbn"`` for whole models. The producer is *not* a submodule (its
+    parameters stay where they are, once): the layer keeps a plain reference to it and puts a forward
+    hook on it that hands over the producer's input and output. ``copy.deepcopy`` of a model keeps
+    every pair (the copied layer is paired with the copied producer); deep-copying a paired layer on
+    its own copies its producer with it, so ``attach`` the copy to the layer you mean.
+    ``nn.DataParallel`` replicas are not supported (use DistributedDataParallel with
+    :func:`normlab.sync`; the window then holds the global statistics and derivatives).
+    While the window is in use, each training input must be the tensor the producer has just
+    returned; anything else raises a ``ValueError`` before any state changes.
+    An unpaired layer (``attach(None)``, the default) pools the stored statistics *uncompensated*
+    (the paper's "naive" baseline) and warns once.
+
+    State. Besides BatchNorm's ``running_mean``, ``running_var`` and ``num_batches_tracked``, the
+    window lives in buffers (saved and restored with the state dict, in the layer's float dtype;
+    float32 for half/bfloat16 layers): ``num_steps`` (training steps taken, for the burn-in),
+    ``window_count`` (iterations stored since the window was reset; the ring's fill count and write
+    position), and per slot ``window_mean``/``window_sqmean`` ``(k-1, C)``, the producer's
+    ``window_weight`` ``(k-1, C, F)`` and ``window_bias`` ``(k-1, C)`` (``(k-1, 0)`` without a
+    bias), ``window_dmean`` ``(k-1, groups, F)`` and ``window_dsqmean`` ``(k-1, C, F)``, with ``F`` the
+    fan-in of one output channel (``W[c].numel()``; kept flat so that ``model.to(memory_format=...)``
+    leaves them alone). Unpaired, ``F = 0``. A BatchNorm checkpoint (which has
+    none of these) loads with a fresh window and ``num_steps = 0``; ``attach`` also resets the window.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        window: int = 8,
+        burn_in: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"CrossIterationBatchNorm: expected window to be an int >= 1, got {window!r}")
+        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
+            raise ValueError(f"CrossIterationBatchNorm: expected burn_in to be an int >= 0, got {burn_in!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.window = window
+        self.burn_in = burn_in
+        object.__setattr__(self, "_producer", None)
+        self._captured: tuple[Tensor, Tensor] | None = None
+        self._warned_unpaired = False
+        sdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else (dtype or torch.get_default_dtype())
+        self.register_buffer("num_steps", torch.tensor(0, dtype=torch.long, device=device))
+        self.register_buffer("window_count", torch.tensor(0, dtype=torch.long, device=device))
+        for name in _WINDOW_FLOATS:
+            self.register_buffer(name, torch.zeros(0, device=device, dtype=sdt))
+        self.reset_window()
+
+    # ------------------------------------------------------------------------- pairing
+    @property
+    def producer(self) -> nn.Module | None:
+        """The layer whose weights the stored statistics are compensated for, or ``None``."""
+        return self.__dict__.get("_producer")
+
+    def attach(self, producer: nn.Module | None) -> CrossIterationBatchNorm:
+        """Pair with ``producer`` (a conv or linear layer whose output feeds this layer), or unpair.
+
+        Removes the hook from any previous producer and resets the window. Returns ``self``.
+        """
+        if producer is not None:
+            if not _supported(producer):
+                raise ValueError(
+                    "CrossIterationBatchNorm: expected the producer to be nn.Conv1d/Conv2d/Conv3d or nn.Linear, "
+                    f"got {type(producer).__name__}"
+                )
+            if _out_channels(producer) != self.num_features:
+                raise ValueError(
+                    f"CrossIterationBatchNorm: expected a producer with {self.num_features} output channels, "
+                    f"got {type(producer).__name__} with {_out_channels(producer)}"
+                )
+        self._remove_hook()
+        object.__setattr__(self, "_producer", producer)
+        self._captured = None
+        if producer is not None:
+            producer.register_forward_hook(_ProducerHook(self))
+        self.reset_window()
+        return self
+
+    def _remove_hook(self) -> None:
+        old = self.producer
+        if old is None:
+            return
+        for key, hook in list(old._forward_hooks.items()):
+            if isinstance(hook, _ProducerHook) and hook.ref() is self:
+                del old._forward_hooks[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The producer's last input/output belong to one step (and cannot be deep-copied).
+        return {**self.__dict__, "_captured": None}
+
+    # ------------------------------------------------------------------------- window
+    def _slot_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """Shapes of one slot's weight and ``dmean``, and the bias length, for the current producer."""
+        p, c = self.producer, self.num_features
+        w = None if p is None else p.weight
+        if w is None or isinstance(w, nn.parameter.UninitializedParameter):
+            return (c, 0), (1, 0), 0
+        groups = getattr(p, "groups", 1)
+        bias = 0 if p.bias is None else c
+        fan_in = w[0].numel()
+        return (c, fan_in), (groups, fan_in), bias
+
+    @torch.no_grad()
+    def reset_window(self) -> None:
+        """Empty the window (sized for the current producer); ``num_steps`` is kept."""
+        cap, c = self.window - 1, self.num_features
+        ref = self.window_mean
+        w_shape, mu_shape, nb = self._slot_shapes()
+        new = {
+            "window_mean": (cap, c),
+            "window_sqmean": (cap, c),
+            "window_weight": (cap, *w_shape),
+            "window_bias": (cap, nb),
+            "window_dmean": (cap, *mu_shape),
+            "window_dsqmean": (cap, *w_shape),
+        }
+        for name, shape in new.items():
+            buf = getattr(self, name)
+            if tuple(buf.shape) == shape:
+                buf.zero_()  # in place: keeps the tensors that e.g. DDP's buffer list refers to
+            else:
+                setattr(self, name, torch.zeros(shape, dtype=ref.dtype, device=ref.device))
+        self.window_count.zero_()
+
+    def _window_matches(self) -> bool:
+        w_shape, mu_shape, nb = self._slot_shapes()
+        return (
+            tuple(self.window_weight.shape[1:]) == w_shape
+            and tuple(self.window_dmean.shape[1:]) == mu_shape
+            and self.window_bias.size(1) == nb
+        )
+
+    def _float32_buffers(self) -> tuple[str, ...]:
+        return (*super()._float32_buffers(), *_WINDOW_FLOATS)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: ANN001 - torch's signature
+        fresh = not any(prefix + name in state_dict for name in _WINDOW_STATE)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if fresh:
+            # A BatchNorm checkpoint: its learned state is loaded, the window starts empty.
+            for name in _WINDOW_STATE:
+                if prefix + name in missing_keys:
+                    missing_keys.remove(prefix + name)
+            self.reset_window()
+            self.num_steps.zero_()
+
+    def extra_repr(self) -> str:
+        name = None if self.producer is None else type(self.producer).__name__
+        return f"{super().extra_repr()}, window={self.window}, burn_in={self.burn_in}, producer={name}"
+
+    # ------------------------------------------------------------------------- forward
+    @torch.no_grad()
+    def past_statistics(self, stored: int | None = None) -> tuple[Tensor, Tensor]:
+        """The stored means and mean squares moved to the producer's current weights: ``(n, C)`` each.
+
+        ``n = min(window_count, window - 1)``; unpaired, the stored values as they are. ``stored`` is
+        ``int(window_count)`` when the caller already has it (saves a device sync).
+        """
+        n = min(int(self.window_count) if stored is None else stored, self.window - 1)
+        mean, sqmean = self.window_mean[:n], self.window_sqmean[:n]
+        p = self.producer
+        if p is None or n == 0:
+            return mean, sqmean
+        bias = None if p.bias is None else p.bias.detach()
+        return compensate(
+            mean,
+            sqmean,
+            self.window_dmean[:n],
+            self.window_dsqmean[:n],
+            self.window_weight[:n],
+            p.weight.detach(),
+            self.window_bias[:n] if bias is not None else None,
+            bias,
+        )
+
+    def _checked_capture(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The producer's input and output of this step; raise unless ``x`` is that output."""
+        captured, self._captured = self._captured, None
+        p = self.producer
+        if p is None:
+            return None
+        expected_dim = 2 if isinstance(p, nn.Linear) else p.weight.dim()
+        if captured is None or captured[1] is not x:
+            raise ValueError(
+                f"CrossIterationBatchNorm: expected its input to be the output of its producer "
+                f"{type(p).__name__} in this step (the window compensation needs the producer's input), "
+                "got a tensor the producer did not just return; pair with the layer that feeds this one "
+                "(attach) or unpair (attach(None))"
+            )
+        if not isinstance(captured[0], Tensor) or captured[0].dim() != expected_dim:
+            raise ValueError(
+                f"CrossIterationBatchNorm: expected the producer {type(p).__name__} to take a batched input "
+                f"with {expected_dim} dimensions, got shape {tuple(captured[0].shape)}"
+            )
+        return captured
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        if not self.use_batch_stats():
+            self._captured = None
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        windowed = self.training and self.window > 1 and int(self.num_steps) >= self.burn_in
+        if not windowed:
+            self._captured = None
+            return self._batch_norm(x)
+        captured = self._checked_capture(x)  # validates before any state is touched
+        if not self._window_matches():  # e.g. a lazy producer that has just been materialized
+            self.reset_window()
+        if self.producer is None and not self._warned_unpaired:
+            self._warned_unpaired = True
+            warnings.warn(
+                "CrossIterationBatchNorm: no producer attached: the window pools uncompensated statistics "
+                "(pair it with attach(conv) or normlab.convert)",
+                stacklevel=2,
+            )
+        group = self.sync_group()
+        stored = int(self.window_count)
+        past_mean, past_sqmean = self.past_statistics(stored)
+        y, mean, var, count = pooled_batch_norm(x, past_mean, past_sqmean, self.weight, self.bias, self.eps, group)
+        sums = None
+        if captured is not None:
+            dt = self.window_mean.dtype
+            sums = _derivative_sums(self.producer, captured[0].detach().to(dt), x.detach().to(dt), group)
+        if self.updates_running_stats():
+            self.update_running_stats(mean, var, count)
+        self._push(stored % (self.window - 1), mean, var, sums, count)
+        self.num_steps.add_(1)
+        return y
+
+    def _batch_norm(self, x: Tensor) -> Tensor:
+        """Batch normalization with the batch's own statistics (burn-in, window 1, eval without running stats)."""
+        group = self.sync_group()
+        if self.training:
+            self.num_steps.add_(1)
+        if group is None:
+            update = self.updates_running_stats()
+            factor = float(self.step_factor()) if update else 0.0
+            return F.batch_norm(
+                x,
+                self.running_mean if update else None,
+                self.running_var if update else None,
+                self.weight,
+                self.bias,
+                True,
+                factor,
+                self.eps,
+            )
+        mean, var, count = channel_moments(x, group)
+        if self.updates_running_stats():
+            self.update_running_stats(mean, var, count)
+        return channel_affine(x, mean, torch.rsqrt(var + self.eps), self.weight, self.bias)
+
+    @torch.no_grad()
+    def _push(
+        self, slot: int, mean: Tensor, var: Tensor, sums: tuple[Tensor, Tensor] | None, count: Tensor
+    ) -> None:
+        """Store this iteration's statistics, derivatives and producer weights in ``slot`` (the oldest)."""
+        self.window_mean[slot] = mean.detach()
+        self.window_sqmean[slot] = var.detach() + mean.detach() ** 2
+        p = self.producer
+        if sums is not None and p is not None:
+            # The derivatives are the sums over the count samples (and 2 / m for nu), scaled in the store.
+            count = count.to(self.window_dmean.dtype)
+            torch.div(sums[0].reshape(self.window_dmean.shape[1:]), count, out=self.window_dmean[slot])
+            torch.mul(sums[1].reshape(self.window_dsqmean.shape[1:]), 2 / count, out=self.window_dsqmean[slot])
+            self.window_weight[slot] = p.weight.detach().reshape(self.window_weight.shape[1:])
+            if p.bias is not None:
+                self.window_bias[slot] = p.bias.detach()
+        self.window_count.add_(1)
+
+
+# ----------------------------------------------------------------------------------- convert
+_NORM_NAME = re.compile(r"(.*?)(bn|norm)(\d*)")
+
+
+def find_producer(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
+    """The layer whose output goes straight into the submodule ``name`` of ``model``, by structure.
+
+    Rules: in an ``nn.Sequential``, the module right before it; elsewhere, a sibling named like it
+    with ``conv``/``fc``/``linear`` for ``bn``/``norm`` (``bn1`` -> ``conv1``, ``norm`` -> ``conv``,
+    ``downsample_bn`` -> ``downsample_conv``), as in ResNet-style blocks. The candidate must be a
+    ``nn.Conv1d/2d/3d`` or ``nn.Linear`` with the layer's channel count. Returns ``(producer, "")``
+    or ``(None, reason)``.
+    """
+    if not name:
+        return None, "the model itself is the normalization layer"
+    layer = model.get_submodule(name)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    siblings = list(parent._modules)
+    if isinstance(parent, nn.Sequential):
+        i = siblings.index(child)
+        if i == 0:
+            return None, "first module of its nn.Sequential, its producer is not known"
+        source = siblings[i - 1]
+    else:
+        m = _NORM_NAME.fullmatch(child)
+        if m is None:
+            return None, "not in an nn.Sequential and not named bn<N>/norm<N> next to a conv<N>"
+        candidates = [f"{m[1]}{kind}{m[3]}" for kind in ("conv", "fc", "linear")]
+        found = [c for c in candidates if c in parent._modules]
+        if not found:
+            return None, f"no sibling named {' or '.join(repr(c) for c in candidates)}"
+        source = found[0]
+    producer = parent._modules[source]
+    if producer is None or not _supported(producer):
+        return None, f"its producer {source!r} is {type(producer).__name__}, not a Conv1d/2d/3d or Linear"
+    if _out_channels(producer) != layer.num_features:
+        return None, f"its producer {source!r} has {_out_channels(producer)} output channels, not {layer.num_features}"
+    return producer, ""
+
+
+def _pair_converted(model: nn.Module, report: ConversionReport, kwargs: dict[str, Any]) -> None:
+    """``convert``'s finalize hook: pair each new layer with its producer, report the ones it cannot."""
+    unpaired = []
+    for name, _, new_cls in report.converted:
+        layer = model.get_submodule(name) if name else model
+        if new_cls != CrossIterationBatchNorm.__name__ or not isinstance(layer, CrossIterationBatchNorm):
+            continue
+        producer, why = find_producer(model, name)
+        layer.attach(producer)
+        if producer is None:
+            report.skipped.append((name, f"not paired ({why}): pools uncompensated statistics"))
+            unpaired.append(name or "<model>")
+    if unpaired:
+        warnings.warn(
+            f"convert: {len(unpaired)} CrossIterationBatchNorm layer(s) could not be paired with the conv/linear "
+            f"that feeds them and pool uncompensated statistics: {', '.join(unpaired)}; pair them with .attach()",
+            stacklevel=3,
+        )
+
+
+register(
+    "cbn",
+    build_normbase(CrossIterationBatchNorm),
+    CrossIterationBatchNorm,
+    "Cross-Iteration Batch Normalization (Yao et al. 2021), options window (k, default 8), burn_in (steps)",
+    finalize=_pair_converted,
+)
