@@ -373,14 +373,7 @@ def test_float32_model_and_device_argument() -> None:
 
 
 # ----------------------------------------------------------------------------- freeze
-DBN_EVAL_NO_GRAD = pytest.mark.xfail(
-    strict=True,
-    reason="DecorrelatedBatchNorm computes its eval-mode affine under torch.no_grad: gamma and beta get no "
-    "gradient in eval mode, hence none when frozen",
-)
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=DBN_EVAL_NO_GRAD) if k == "dbn" else k for k in KINDS])
+@pytest.mark.parametrize("kind", KINDS)
 def test_freeze_uses_running_stats_in_training_and_keeps_gradients(kind: str) -> None:
     model = conv_norm_model(kind)
     train_steps(model)

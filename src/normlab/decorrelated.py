@@ -1,0 +1,710 @@
+"""Decorrelated Batch Normalization (Huang, Yang, Lang, Deng, "Decorrelated Batch Normalization",
+CVPR 2018, arXiv 1804.08450), with the iterative whitening of IterNorm (Huang, Yang, Liu, Zhu, Shao,
+"Iterative Normalization: Beyond Standardization towards Efficient Whitening", CVPR 2019,
+arXiv 1904.03441) as a third method.
+
+Channels are split into consecutive groups of ``g = group_size`` channels (the last group is smaller
+when ``C`` is not a multiple of ``g``; ``group_size >= C`` whitens all channels together). Each group
+is whitened on its own over the ``m = N * prod(spatial)`` samples of the batch (Algorithm 1 of the
+paper)::
+
+    mu      = (1/m) X 1                                   (batch mean of the group, g values)
+    Xc      = X - mu 1^T
+    Sigma   = (1/m) Xc Xc^T + eps I                       (biased covariance)
+    Sigma   = D Lambda D^T                                (eigendecomposition)
+    zca:    W = D Lambda^{-1/2} D^T,   x_hat = W Xc       (the paper's DBN)
+    pca:    W = Lambda^{-1/2} D^T,     x_hat = W Xc
+    newton: Sigma_N = Sigma / tr(Sigma),  P_0 = I,
+            P_k = 1.5 P_{k-1} - 0.5 P_{k-1}^3 Sigma_N   (k = 1..T, T = iterations),
+            W = P_T / sqrt(tr(Sigma))                    (IterNorm; matrix products only)
+    y       = gamma * x_hat + beta                        (per channel)
+
+The Newton iteration is meant for few steps (the paper's default is 5): it converges to
+``Sigma^{-1/2}`` but is not self-correcting, and for a covariance with condition number above 9 the
+rounding errors grow again after many more steps (Higham, "Functions of Matrices", 2008, section 6.4).
+
+``group_size = 1`` is batch normalization. ``method="pca"`` exists to show the *stochastic axis
+swapping* that the paper identifies as the reason PCA whitening fails: the order and signs of the
+eigenvectors change from batch to batch, so the same channel of ``x_hat`` means a different
+direction in each batch. It is not meant for real training.
+
+Running statistics: ``running_mean`` (C,) and ``running_whitening`` (G, g, g) move towards the batch
+mean and the batch whitening matrix ``W`` with ``momentum``, as the paper's Algorithm 1 does; eval
+computes ``y = gamma * (W_run (x - mu_run)) + beta``. The whitening matrix (not ``Sigma``) is averaged
+because that is the paper's choice and it makes eval apply a matrix of the same kind training applied
+(for ``newton``, the T-step iterate rather than an exact inverse square root of an averaged
+covariance), with no decomposition at inference. ``running_var`` (C,) is also kept: the unbiased
+per-channel variance (the diagonal of the covariance), moved as BatchNorm moves it. The layer does not
+use it; it keeps BatchNorm's meaning so that ``normlab.convert`` to and from ``"bn"`` carries it.
+
+Layout of the per-group matrices (``running_whitening``, ``moments().var``, ``load_statistics``):
+``(G, g, g)`` with ``G = ceil(C / g)``; group ``k`` holds channels ``k*g .. k*g + g - 1``. When ``C``
+is not a multiple of ``g`` the last group's ``r`` channels occupy its top-left ``r x r`` block; the
+padding is the identity in ``running_whitening`` and zero in covariances, and is ignored on input.
+
+Backward. Autograd through ``torch.linalg.eigh`` divides by ``lambda_i - lambda_j`` and gives NaN or
+Inf when eigenvalues coincide (identity-like covariance, duplicated or constant channels, m < g).
+For ``zca`` the layer uses the Daleckii-Krein form of the derivative of the matrix function
+``Sigma^{-1/2}``, equal to the paper's backward where the eigenvalues differ::
+
+    dL/dSigma = D (K o (D^T sym(dL/dW) D)) D^T,
+    K_ij = (l_i^{-1/2} - l_j^{-1/2}) / (l_i - l_j) = -1 / (s_i s_j (s_i + s_j)),  s = sqrt(l),
+
+whose closed form has no difference of eigenvalues and is the exact limit (``f'(l_i)``) where they
+coincide. For ``pca`` (a function of the eigenvectors themselves, discontinuous where eigenvalues
+coincide) the ``1/(l_j - l_i)`` terms of the eigenvector derivative are set to zero where the gap is
+below ``sqrt(machine eps) * l_max``. ``newton`` differentiates the matrix products (by hand, step by
+step, in the training step; by autograd elsewhere).
+
+The training step is one autograd Function, batched over groups: the forward makes the mean, the
+centring, the covariance GEMM and the whitening GEMM (``diag(gamma) W`` applied at once, ``beta``
+added in place); the backward the GEMM ``dL/dy Xc^T`` (which gives ``dL/dW`` and
+``dL/dgamma``), the sum of ``dL/dy`` and the input gradient
+``(diag(gamma) W)^T (dL/dy - mean(dL/dy)) + (G_S + G_S^T)/m Xc`` as two GEMMs accumulated in one buffer.
+
+Distributed (``process_group`` set, see :func:`normlab.sync`): the count, per-channel sums and per-group
+sums of ``x x^T`` travel in one differentiable :func:`normlab.base.global_sum`, so the mean and the
+covariance (``E[x x^T] - mu mu^T``) are those of the global batch; that path is composed of
+differentiable ops and autograd gives the gradient of the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Moments, NormBase, ema, global_sum, stat_dtype
+from .registry import common_settings, register, transfer_state
+
+__all__ = [
+    "DecorrelatedBatchNorm",
+    "decorrelated_batch_norm",
+    "whitening_matrix",
+    "group_layout",
+    "group_covariance",
+    "METHODS",
+]
+
+METHODS = ("zca", "pca", "newton")
+
+
+# ------------------------------------------------------------------------------------ group layout
+def group_layout(num_features: int, group_size: int) -> tuple[int, int]:
+    """``(G, g)``: the number of groups and the (padded) group size for ``num_features`` channels."""
+    g = min(group_size, num_features)
+    return -(-num_features // g), g
+
+
+def _grouped(x: Tensor, G: int, g: int) -> Tensor:
+    """``x`` (N, C, *) as ``(N, G, g)`` (2-D input) or ``(N, G, g, L)``, zero channels appended to G*g."""
+    n, c = x.shape[:2]
+    pad = G * g - c
+    if x.dim() == 2:
+        v = F.pad(x, (0, pad)) if pad else x
+        return v.reshape(n, G, g)
+    v = x.reshape(n, c, math.prod(x.shape[2:]))  # explicit sizes: a process may hold no samples
+    if pad:
+        v = F.pad(v, (0, 0, 0, pad))
+    return v.reshape(n, G, g, v.size(-1))
+
+
+def _ungrouped(v: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`_grouped`: ``(N, G, g[, L])`` back to ``shape`` (padding dropped)."""
+    n, c = shape[0], shape[1]
+    v = v.reshape(n, v.size(1) * v.size(2)) if v.dim() == 3 else v.reshape(n, v.size(1) * v.size(2), v.size(-1))
+    if v.size(1) != c:
+        v = v[:, :c]
+    return v.reshape(shape)
+
+
+def _sample_dims(v: Tensor) -> tuple[int, ...]:
+    return (0,) if v.dim() == 3 else (0, 3)
+
+
+def _expand(t: Tensor, v: Tensor) -> Tensor:
+    """A per-group vector ``(G, g)`` shaped to broadcast against the grouped layout ``v``."""
+    return t if v.dim() == 3 else t.unsqueeze(-1)
+
+
+def _gram(a: Tensor, b: Tensor) -> Tensor:
+    """Per group, the sum over samples of ``a b^T``: ``(G, g, g)``."""
+    if a.dim() == 3:
+        return torch.einsum("ngi,ngj->gij", a, b)
+    # Batched over (sample, group) with the spatial axis as the inner dimension, then summed over N:
+    # no permuted copy of the data.
+    return torch.matmul(a, b.transpose(-1, -2)).sum(0)
+
+
+def _apply(M: Tensor, v: Tensor) -> Tensor:
+    """Per group, ``M_k @ v_k`` for ``M`` (G, g, g) and the grouped layout ``v``; same layout out."""
+    if v.dim() == 3:
+        return torch.einsum("gij,ngj->ngi", M, v)
+    return torch.matmul(M, v)
+
+
+def _apply_sum(M1: Tensor, v1: Tensor, M2: Tensor, v2: Tensor, const: Tensor) -> Tensor:
+    """Per group, ``M1 v1 + M2 v2 + const`` (const (G, g) per channel); same layout out."""
+    if v1.dim() == 3:
+        return _apply(M1, v1).add_(_apply(M2, v2)).add_(const)
+    # Two accumulating GEMMs into one buffer initialised with the constant: no temporaries.
+    n, G, g, L = v1.shape
+    init = const.view(1, G, g, 1).expand(n, G, g, 1).reshape(n * G, g, 1)
+    out = torch.baddbmm(init, M1.expand(n, G, g, g).reshape(n * G, g, g), v1.reshape(n * G, g, L))
+    out = out.baddbmm_(M2.expand(n, G, g, g).reshape(n * G, g, g), v2.reshape(n * G, g, L))
+    return out.view(n, G, g, L)
+
+
+def _pad_mask(num_features: int, G: int, g: int, like: Tensor) -> Tensor | None:
+    """``(G, g)`` with 1 for real channels and 0 for padding, or ``None`` without padding."""
+    if G * g == num_features:
+        return None
+    mask = torch.zeros(G * g, dtype=like.dtype, device=like.device)
+    mask[:num_features] = 1
+    return mask.view(G, g)
+
+
+def _pad_vector(t: Tensor, G: int, g: int, value: float) -> Tensor:
+    pad = G * g - t.numel()
+    return (F.pad(t, (0, pad), value=value) if pad else t).view(G, g)
+
+
+def _regularized(cov: Tensor, eps: float, mask: Tensor | None, method: str) -> Tensor:
+    """``cov + eps I`` on the real channels, with a padding block that leaves them unaffected.
+
+    The padding block is ``c I`` (no gradient): for newton ``c`` is the trace of the real block, so
+    that ``Sigma_N`` is the identity there and the iterate stays the identity; for zca/pca it is
+    larger than every real eigenvalue, so the padding eigenvectors come last and stay separate.
+    """
+    eye = torch.eye(cov.size(-1), dtype=cov.dtype, device=cov.device)
+    if mask is None:
+        return cov + eps * eye
+    sigma = cov * (mask.unsqueeze(-1) * mask.unsqueeze(-2)) + torch.diag_embed(eps * mask)
+    with torch.no_grad():
+        trace = (sigma.diagonal(dim1=-2, dim2=-1) * mask).sum(-1, keepdim=True)
+        fill = trace if method == "newton" else 2 * trace  # trace >= eps > 0 bounds every eigenvalue
+    return sigma + torch.diag_embed(fill * (1 - mask))
+
+
+def _stored(W: Tensor, mask: Tensor | None) -> Tensor:
+    """``W`` with its padding block replaced by the identity (the storage layout)."""
+    if mask is None:
+        return W
+    return W * (mask.unsqueeze(-1) * mask.unsqueeze(-2)) + torch.diag_embed(1 - mask)
+
+
+# ------------------------------------------------------------------------------------ whitening matrices
+# Below this many multiply-adds per product (G g^3) a batch of small matrix ops runs on one thread.
+_ONE_THREAD_WORK = 2**18
+
+
+@contextmanager
+def _small_matrix_ops(like: Tensor, always: bool = False) -> Iterator[None]:
+    """Run the enclosed ops on the (G, g, g) matrices ``like`` on one CPU thread (restored afterwards).
+
+    A small batch of small matrices is too little work to gain from threads, and on a loaded machine
+    the thread barriers can cost many times the op; LAPACK's threading inside one eigendecomposition
+    of a g x g matrix (``always``) does not pay for any g this layer uses, and torch loops over the
+    batch in eigh in any case. No effect on other devices. The thread count is process-wide: ops run
+    meanwhile from other Python threads also run on one thread.
+    """
+    n = torch.get_num_threads()
+    small = always or like.size(0) * like.size(-1) ** 3 < _ONE_THREAD_WORK
+    if like.device.type != "cpu" or n == 1 or not small:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _eig(sigma: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+    with _small_matrix_ops(sigma, always=True):
+        lam, D = torch.linalg.eigh(sigma)
+    # Sigma >= eps I in exact arithmetic: the floor only removes rounding below it.
+    return lam.clamp_min(floor).sqrt(), D
+
+
+def _zca_forward(D: Tensor, s: Tensor) -> Tensor:
+    return (D / s.unsqueeze(-2)) @ D.mT
+
+
+def _zca_backward(D: Tensor, s: Tensor, gW: Tensor) -> Tensor:
+    M = D.mT @ ((gW + gW.mT) * 0.5) @ D
+    K = -1.0 / (s.unsqueeze(-1) * s.unsqueeze(-2) * (s.unsqueeze(-1) + s.unsqueeze(-2)))
+    return D @ (M * K) @ D.mT
+
+
+def _pca_forward(D: Tensor, s: Tensor) -> Tensor:
+    return D.mT / s.unsqueeze(-1)
+
+
+def _pca_backward(D: Tensor, s: Tensor, gW: Tensor) -> Tensor:
+    # W = S D^T with S = diag(lambda^{-1/2}): dL/dD = gW^T S, dL/dlambda_i = -1/2 lambda_i^{-3/2} (gW D)_ii.
+    lam = s * s
+    g_lam = -0.5 * (gW * D.mT).sum(-1) / (lam * s)
+    g_D = gW.mT / s.unsqueeze(-2)
+    gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # gap_ij = lambda_j - lambda_i
+    tol = math.sqrt(torch.finfo(lam.dtype).eps) * lam.amax(-1, keepdim=True).unsqueeze(-1)
+    Fm = torch.where(gap.abs() > tol, 1.0 / torch.where(gap == 0, torch.ones_like(gap), gap), torch.zeros_like(gap))
+    inner = torch.diag_embed(g_lam) + Fm * (D.mT @ g_D)
+    gS = D @ inner @ D.mT
+    return (gS + gS.mT) * 0.5
+
+
+def _newton(sigma: Tensor, iterations: int, mask: Tensor | None) -> Tensor:
+    """IterNorm's ``W`` for ``sigma`` (B, g, g), differentiable by autograd (the synchronized path)."""
+    diag = sigma.diagonal(dim1=-2, dim2=-1)
+    trace = (diag if mask is None else diag * mask).sum(-1).reshape(-1, 1, 1)
+    sigma_n = sigma / trace
+    P = torch.eye(sigma.size(-1), dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
+    for _ in range(iterations):
+        P = torch.baddbmm(P, P @ P @ P, sigma_n, beta=1.5, alpha=-0.5)
+    return P / trace.sqrt()
+
+
+def _newton_forward(sigma: Tensor, iterations: int, mask: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """:func:`_newton` without autograd, keeping what :func:`_newton_backward` needs."""
+    diag = sigma.diagonal(dim1=-2, dim2=-1)
+    trace = (diag if mask is None else diag * mask).sum(-1).reshape(-1, 1, 1)
+    sigma_n = sigma / trace
+    # The first step from P_0 = I is 1.5 I - 0.5 Sigma_N: no products.
+    P = torch.diag_embed(torch.full(sigma.shape[:-1], 1.5, dtype=sigma.dtype, device=sigma.device))
+    P = P.sub_(sigma_n, alpha=0.5)
+    steps: list[Tensor] = []
+    for _ in range(iterations - 1):
+        PP = P @ P
+        Q = PP @ P
+        steps += [P, PP, Q]
+        P = torch.baddbmm(P, Q, sigma_n, beta=1.5, alpha=-0.5)
+    return P / trace.sqrt(), (*steps, P, sigma_n, trace)
+
+
+def _newton_backward(saved: tuple[Tensor, ...], gW: Tensor, mask: Tensor | None) -> Tensor:
+    """dL/dSigma of :func:`_newton` from dL/dW: the iteration differentiated by hand, step by step.
+
+    For ``P' = 1.5 P - 0.5 Q S`` with ``Q = (P P) P`` and ``G = dL/dP'``: ``dL/dS += -0.5 Q^T G``,
+    ``dL/dQ = -0.5 G S^T``, ``dL/d(PP) = dL/dQ P^T`` and ``dL/dP = 1.5 G + (PP)^T dL/dQ + dL/d(PP) P^T
+    + P^T dL/d(PP)``: six small GEMMs per step, the same products autograd forms, without its graph.
+    """
+    *steps, P_T, sigma_n, trace = saved
+    root = trace.sqrt()
+    G = gW / root
+    g_trace = -0.5 * (gW * P_T).sum((-2, -1), keepdim=True) / (trace * root)
+    g_sn = torch.zeros_like(sigma_n)
+    for k in range(len(steps) // 3 - 1, -1, -1):
+        P, PP, Q = steps[3 * k : 3 * k + 3]
+        g_sn.baddbmm_(Q.mT, G, alpha=-0.5)
+        gQ = torch.bmm(G, sigma_n.mT).mul_(-0.5)
+        gPP = torch.bmm(gQ, P.mT)
+        G = torch.baddbmm(G, PP.mT, gQ, beta=1.5)
+        G.baddbmm_(gPP, P.mT).baddbmm_(P.mT, gPP)
+    g_sn.sub_(G, alpha=0.5)  # the first step, P_1 = 1.5 I - 0.5 Sigma_N
+    # sigma_n = Sigma / tr(Sigma) with the trace over the real channels.
+    g_trace = g_trace - (g_sn * sigma_n).sum((-2, -1), keepdim=True) / trace
+    ones = torch.ones(sigma_n.shape[:-1], dtype=sigma_n.dtype, device=sigma_n.device) if mask is None else mask
+    return g_sn / trace + g_trace * torch.diag_embed(ones)
+
+
+class _EigenWhitening(torch.autograd.Function):
+    """``Sigma -> W`` for zca/pca with the stable backward of the module docstring (batched)."""
+
+    @staticmethod
+    def forward(ctx, sigma, method, floor):  # noqa: ANN001, ANN205
+        s, D = _eig(sigma, floor)
+        ctx.save_for_backward(D, s)
+        ctx.method = method
+        return _zca_forward(D, s) if method == "zca" else _pca_forward(D, s)
+
+    @staticmethod
+    def backward(ctx, gW):  # noqa: ANN001, ANN205
+        D, s = ctx.saved_tensors
+        back = _zca_backward if ctx.method == "zca" else _pca_backward
+        return back(D, s, gW), None, None
+
+
+def _whitening(sigma: Tensor, method: str, iterations: int, mask: Tensor | None, floor: float) -> Tensor:
+    """Differentiable whitening matrices of the regularized, padded covariances ``sigma`` (G, g, g)."""
+    if method == "newton":
+        return _newton(sigma, iterations, mask)
+    return _EigenWhitening.apply(sigma, method, floor)
+
+
+def whitening_matrix(cov: Tensor, method: str = "zca", eps: float = 1e-5, iterations: int = 5) -> Tensor:
+    """The whitening matrix of each covariance in ``cov`` (..., k, k), differentiable.
+
+    ``zca``: ``(cov + eps I)^{-1/2}``; ``pca``: ``Lambda^{-1/2} D^T``; ``newton``: ``iterations`` steps of
+    the IterNorm iteration. See the module docstring for the formulas and the backward.
+    """
+    _check_method("whitening_matrix", method, iterations)
+    if cov.dim() < 2 or cov.size(-1) != cov.size(-2):
+        raise ValueError(f"whitening_matrix: expected square matrices (..., k, k), got shape {tuple(cov.shape)}")
+    k = cov.size(-1)
+    flat = cov.reshape(-1, k, k)
+    sigma = flat + eps * torch.eye(k, dtype=cov.dtype, device=cov.device)
+    return _whitening(sigma, method, iterations, None, eps).reshape(cov.shape)
+
+
+def _check_method(name: str, method: str, iterations: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"{name}: expected method in {METHODS}, got {method!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"{name}: expected iterations to be a positive int, got {iterations!r}")
+
+
+# ------------------------------------------------------------------------------------ training step
+def _dtype(t: Tensor | None) -> torch.dtype | None:
+    return None if t is None else t.dtype
+
+
+class _DBNFunction(torch.autograd.Function):
+    """Training-mode decorrelated batch normalization of one process's batch (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, G, g, eps, method, iterations):  # noqa: ANN001, ANN205
+        c = x.size(1)
+        xv = _grouped(x.to(stat_dtype(x)), G, g)
+        dims = _sample_dims(xv)
+        m = xv.numel() // (G * g)
+        mean = xv.mean(dims)
+        xc = xv - _expand(mean, xv)
+        cov = _gram(xc, xc) / m
+        mask = _pad_mask(c, G, g, cov)
+        with _small_matrix_ops(cov):
+            sigma = _regularized(cov, eps, mask, method)
+            if method == "newton":
+                W, saved = _newton_forward(sigma, iterations, mask)
+            else:
+                s, D = _eig(sigma, eps)
+                W = _zca_forward(D, s) if method == "zca" else _pca_forward(D, s)
+                saved = (D, s)
+            gamma = None if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0)
+            A = W if gamma is None else gamma.unsqueeze(-1) * W
+        y = _apply(A, xc)
+        if bias is not None:
+            y = y.add_(_expand(_pad_vector(bias.to(W.dtype), G, g, 0.0), y))
+        ctx.save_for_backward(xc, W, gamma, *saved)
+        ctx.setup = (x.shape, x.dtype, m, mask, method, iterations, _dtype(weight), _dtype(bias))
+        out = (_ungrouped(y, x.shape).to(x.dtype), mean.reshape(-1)[:c], cov, W)
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, _gm, _gc, _gw):  # noqa: ANN001, ANN205
+        xc, W, gamma, *saved = ctx.saved_tensors
+        shape, dtype, m, mask, method, iterations, w_dtype, b_dtype = ctx.setup
+        G, g = W.shape[:2]
+        c = shape[1]
+        gv = _grouped(gy.to(W.dtype), G, g)
+        P = _gram(gv, xc)  # sum over samples of dL/dy Xc^T
+        gsum = gv.sum(_sample_dims(gv))
+        g_weight = (P * W).sum(-1).reshape(-1)[:c].to(w_dtype) if ctx.needs_input_grad[1] else None
+        g_bias = gsum.reshape(-1)[:c].to(b_dtype) if ctx.needs_input_grad[2] else None
+        if not ctx.needs_input_grad[0]:
+            return None, g_weight, g_bias, None, None, None, None, None
+        with _small_matrix_ops(W):
+            A = W if gamma is None else gamma.unsqueeze(-1) * W
+            gW = P if gamma is None else gamma.unsqueeze(-1) * P
+            if method == "newton":
+                g_sigma = _newton_backward(tuple(saved), gW, mask)
+            else:
+                D, s = saved
+                g_sigma = (_zca_backward if method == "zca" else _pca_backward)(D, s, gW)
+            if mask is not None:
+                g_sigma = g_sigma * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
+            # d/dXc of W Xc and of Xc Xc^T / m; the mean's backward subtracts the mean gradient,
+            # which is A^T mean(dL/dy) because Xc sums to zero.
+            shift = -torch.einsum("gji,gj->gi", A, gsum / m)
+            g_sym = (g_sigma + g_sigma.mT) / m
+        gx = _apply_sum(A.mT, gv, g_sym, xc, shift)
+        gx = _ungrouped(gx, shape).to(dtype)
+        return gx, g_weight, g_bias, None, None, None, None, None
+
+
+def _dbn_global(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    G: int,
+    g: int,
+    eps: float,
+    method: str,
+    iterations: int,
+    group: Any | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The training step composed of differentiable ops, with statistics summed over ``group``."""
+    c = x.size(1)
+    xv = _grouped(x.to(stat_dtype(x)), G, g)
+    dims = _sample_dims(xv)
+    count = torch.full((1,), float(xv.numel() // (G * g)), dtype=xv.dtype, device=xv.device)
+    s, ss, count = global_sum([xv.sum(dims), _gram(xv, xv), count], group)
+    count = count.reshape(())
+    if not bool(count > 1):
+        raise ValueError(
+            f"DecorrelatedBatchNorm: expected more than 1 value per channel over the process group when "
+            f"training, got {int(count)}"
+        )
+    mean = s / count
+    cov = ss / count - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    mask = _pad_mask(c, G, g, cov)
+    W = _whitening(_regularized(cov, eps, mask, method), method, iterations, mask, eps)
+    A = W if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0).unsqueeze(-1) * W
+    y = _apply(A, xv - _expand(mean, xv))
+    if bias is not None:
+        y = y + _expand(_pad_vector(bias.to(W.dtype), G, g, 0.0), y)
+    return _ungrouped(y, x.shape).to(x.dtype), mean.detach().reshape(-1)[:c], cov.detach(), W.detach(), count
+
+
+def decorrelated_batch_norm(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    group_size: int = 16,
+    method: str = "zca",
+    eps: float = 1e-5,
+    iterations: int = 5,
+    group: Any | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode decorrelated batch normalization of ``x`` (N, C, *).
+
+    Returns ``(y, mean (C,), cov (G, g, g), W (G, g, g), m)``: the output, the batch mean, the biased
+    per-group covariance (without ``eps``), the batch whitening matrices (padding as computed, not as
+    stored) and the sample count. With a process ``group`` the statistics are those of the global batch.
+    """
+    _check_method("decorrelated_batch_norm", method, iterations)
+    G, g = group_layout(x.size(1), group_size)
+    if group is not None:
+        return _dbn_global(x, weight, bias, G, g, eps, method, iterations, group)
+    y, mean, cov, W = _DBNFunction.apply(x, weight, bias, G, g, eps, method, iterations)
+    return y, mean, cov, W, torch.tensor(float(x.numel() // x.size(1)), dtype=cov.dtype, device=x.device)
+
+
+@torch.no_grad()
+def group_covariance(x: Tensor, group_size: int) -> tuple[Tensor, Tensor, int]:
+    """``(mean (C,), biased per-group covariance (G, g, g), m)`` of ``x`` (N, C, *), zero padded."""
+    c = x.size(1)
+    G, g = group_layout(c, group_size)
+    xv = _grouped(x.to(stat_dtype(x)), G, g)
+    m = xv.numel() // (G * g)
+    mean = xv.mean(_sample_dims(xv))
+    xc = xv - _expand(mean, xv)
+    return mean.reshape(-1)[:c], _gram(xc, xc) / m, m
+
+
+# ------------------------------------------------------------------------------------ module
+class DecorrelatedBatchNorm(NormBase):
+    """Decorrelated Batch Normalization over inputs ``(N, C, *)`` (Huang et al. 2018); see the module docstring.
+
+    Args:
+        num_features: ``C``.
+        group_size: channels whitened together (the last group is smaller when ``C`` is not a multiple;
+            ``group_size >= C`` whitens all channels together; 1 is batch normalization).
+        method: ``"zca"`` (the paper's DBN), ``"pca"`` (for comparison only, see the module docstring) or
+            ``"newton"`` (IterNorm's iterative whitening).
+        eps: added to the covariance diagonal (must be > 0: a rank-deficient covariance has no inverse
+            square root).
+        momentum: rate of the running mean, variance and whitening matrix; ``None`` for a cumulative average.
+        affine: learnable per-channel ``gamma``/``beta`` after the whitening.
+        track_running_stats: keep running statistics and use them in eval.
+        iterations: Newton steps ``T`` for ``method="newton"``.
+
+    Buffers: ``running_mean`` (C,) and ``running_var`` (C,) with BatchNorm's meaning, ``running_whitening``
+    (G, g, g) (layout in the module docstring) and ``num_batches_tracked``. Eval uses ``running_mean``
+    and ``running_whitening`` only; with ``group_size=1`` training is exactly BatchNorm, while eval
+    averages ``1/sqrt(var_B + eps)`` (the paper's running whitening matrix) where BatchNorm averages
+    ``var_B``. Converting a BatchNorm layer (``normlab.convert(model, "dbn")``) starts the running
+    whitening matrix at ``diag(1/sqrt(running_var + eps))``, so the converted model's eval output is
+    the original one until it trains.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        group_size: int = 16,
+        method: str = "zca",
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        iterations: int = 5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        name = type(self).__name__
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"{name}: expected group_size to be a positive int, got {group_size!r}")
+        _check_method(name, method, iterations)
+        if not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"{name}: expected eps > 0 (whitening needs a positive definite covariance), got {eps!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.group_size = group_size
+        self.method = method
+        self.iterations = iterations
+        self.num_groups, self.padded_group_size = group_layout(num_features, group_size)
+        if track_running_stats:
+            sdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            self.register_buffer("running_whitening", self._identity(device, sdt))
+        else:
+            self.register_buffer("running_whitening", None)
+
+    def _identity(self, device: torch.device | str | None, dtype: torch.dtype | None) -> Tensor:
+        G, g = self.num_groups, self.padded_group_size
+        return torch.eye(g, device=device, dtype=dtype).repeat(G, 1, 1)
+
+    def _float32_buffers(self) -> tuple[str, ...]:
+        return (*super()._float32_buffers(), "running_whitening")
+
+    def reset_running_stats(self) -> None:
+        """Reset as BatchNorm does, and the running whitening matrix to the identity."""
+        super().reset_running_stats()
+        buf = getattr(self, "running_whitening", None)
+        if buf is not None:
+            buf.copy_(self._identity(buf.device, buf.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, group_size={self.group_size}, method={self.method!r}, "
+            f"iterations={self.iterations}"
+        )
+
+    def _diagonal_whitening(self, running_var: Tensor) -> Tensor:
+        """The running whitening matrix of a channel-wise layer: ``diag(1/sqrt(running_var + eps))``."""
+        inv = torch.rsqrt(running_var.to(self.running_whitening.dtype) + self.eps)
+        return torch.diag_embed(_pad_vector(inv, self.num_groups, self.padded_group_size, 1.0))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: ANN001 - torch's signature
+        key, var = prefix + "running_whitening", state_dict.get(prefix + "running_var")
+        if (
+            self.track_running_stats
+            and key not in state_dict
+            and isinstance(var, Tensor)
+            and var.shape == (self.num_features,)
+        ):
+            # A BatchNorm checkpoint: its eval map, as a diagonal whitening matrix.
+            state_dict[key] = self._diagonal_whitening(var.to(self.running_whitening.device))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _mask(self, like: Tensor) -> Tensor | None:
+        return _pad_mask(self.num_features, self.num_groups, self.padded_group_size, like)
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        if not self.use_batch_stats():
+            A, b = self._grouped_affine(torch.promote_types(stat_dtype(x), self.running_whitening.dtype))
+            xv = _grouped(x.to(A.dtype), self.num_groups, self.padded_group_size)
+            y = _apply(A, xv).add_(_expand(b, xv))
+            return _ungrouped(y, x.shape).to(x.dtype)
+        y, mean, cov, W, count = decorrelated_batch_norm(
+            x, self.weight, self.bias, self.group_size, self.method, self.eps, self.iterations, self.sync_group()
+        )
+        if self.updates_running_stats():
+            self._update(mean, cov, W, count)
+        return y
+
+    @torch.no_grad()
+    def _update(self, mean: Tensor, cov: Tensor, W: Tensor, count: Tensor | float) -> None:
+        factor = self.step_factor()
+        c = self.num_features
+        var = cov.diagonal(dim1=-2, dim2=-1).reshape(-1)[:c]
+        ema(self.running_mean, mean, factor)
+        ema(self.running_var, var * (count / (count - 1)), factor)
+        ema(self.running_whitening, _stored(W, self._mask(W)), factor)
+
+    def _grouped_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Eval map per group: ``A = diag(gamma) W_run`` (G, g, g) and ``b = beta - A mu_run`` (G, g).
+
+        Differentiable in ``gamma`` and ``beta``: a frozen layer (running statistics in training)
+        still trains its affine."""
+        G, g = self.num_groups, self.padded_group_size
+        W = self.running_whitening.to(dtype)
+        A = W if self.weight is None else _pad_vector(self.weight.to(dtype), G, g, 1.0).unsqueeze(-1) * W
+        mu = _pad_vector(self.running_mean.to(dtype), G, g, 0.0)
+        b = -(A @ mu.unsqueeze(-1)).squeeze(-1)
+        if self.bias is not None:
+            b = b + _pad_vector(self.bias.to(dtype), G, g, 0.0)
+        return A, b
+
+    # ----------------------------------------------------------------------------- statistics interface
+    @torch.no_grad()
+    def moments(self, x: Tensor) -> Moments:
+        """Batch mean (C,) and biased per-group covariance (G, g, g) (zero padding) of ``x``."""
+        self.check_input(x)
+        mean, cov, m = group_covariance(x, self.group_size)
+        return Moments(m, mean, cov)
+
+    @torch.no_grad()
+    def load_statistics(self, mean: Tensor, var: Tensor) -> None:
+        """Set the running statistics from a population mean (C,) and *unbiased* covariance (G, g, g).
+
+        ``running_whitening`` becomes the whitening matrix of ``var + eps I`` by this layer's method:
+        an eigendecomposition for zca/pca, ``iterations`` Newton steps for newton. ``running_var``
+        becomes the covariance diagonal. Padding entries of ``var`` are ignored.
+        """
+        name = type(self).__name__
+        if not self.track_running_stats:
+            raise ValueError(f"{name}: has no running statistics (track_running_stats=False)")
+        G, g, c = self.num_groups, self.padded_group_size, self.num_features
+        if tuple(mean.shape) != (c,):
+            raise ValueError(f"{name}: expected a mean of shape ({c},), got {tuple(mean.shape)}")
+        if tuple(var.shape) != (G, g, g):
+            raise ValueError(
+                f"{name}: expected a per-group covariance of shape ({G}, {g}, {g}), got {tuple(var.shape)}"
+            )
+        cov = var.to(self.running_whitening.device, torch.float64 if var.dtype == torch.float64 else torch.float32)
+        if not (bool(torch.isfinite(cov).all()) and bool(torch.isfinite(mean).all())):
+            raise ValueError(f"{name}: expected a finite mean and covariance, got non-finite values")
+        if not torch.allclose(cov, cov.mT, rtol=1e-4, atol=1e-6 * float(cov.abs().max().clamp_min(1))):
+            raise ValueError(f"{name}: expected symmetric per-group covariances, got a non-symmetric one")
+        mask = self._mask(cov)
+        W = _whitening(_regularized(cov, self.eps, mask, self.method), self.method, self.iterations, mask, self.eps)
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError(f"{name}: the covariance gives a non-finite whitening matrix (is it symmetric PSD?)")
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(cov.diagonal(dim1=-2, dim2=-1).reshape(-1)[:c])
+        self.running_whitening.copy_(_stored(W, mask))
+
+    @torch.no_grad()
+    def inference_affine(self) -> tuple[Tensor, Tensor]:
+        """``(A, b)`` with eval output ``y = A x + b`` along channels: ``A`` dense block-diagonal (C, C)."""
+        if not self.track_running_stats:
+            raise ValueError(f"{type(self).__name__}: has no running statistics (track_running_stats=False)")
+        # float32 at least, as the channel-wise layers return it; float64 for float64 layers.
+        A, b = self._grouped_affine(torch.promote_types(self.running_whitening.dtype, torch.float32))
+        G, g, c = self.num_groups, self.padded_group_size, self.num_features
+        dense = A.new_zeros(G, g, G, g)
+        idx = torch.arange(G, device=A.device)
+        dense[idx, :, idx, :] = A
+        return dense.reshape(G * g, G * g)[:c, :c].contiguous(), b.reshape(-1)[:c].contiguous()
+
+
+# ------------------------------------------------------------------------------------ registry
+def _build_dbn(src: nn.Module, **kwargs: Any) -> nn.Module:
+    layer = DecorrelatedBatchNorm(**(common_settings(src) | kwargs))
+    copied = transfer_state(src, layer)
+    if layer.track_running_stats and "running_var" in copied and "running_whitening" not in copied:
+        # From a channel-wise layer: a diagonal whitening matrix, so eval is what it was before.
+        with torch.no_grad():
+            layer.running_whitening.copy_(layer._diagonal_whitening(layer.running_var))
+    return layer
+
+
+register(
+    "dbn",
+    _build_dbn,
+    DecorrelatedBatchNorm,
+    "Decorrelated Batch Normalization (Huang et al. 2018), options group_size, method ('zca', 'pca', "
+    "'newton'), iterations",
+)
