@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import normlab
+
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("mnist1d")
@@ -95,8 +97,10 @@ def _small_batch(bn_small: float, cbn_small: float) -> dict:
     return {"accuracy": {k: {"32": [big[k], big[k]], "2": [small[k], small[k]]} for k in big}}
 
 
-def _non_iid(bn_non_iid: float) -> dict:
-    return {"accuracy": {"bn": {"iid": [96.0], "non-iid": [bn_non_iid]}, "brn": {"iid": [96.0], "non-iid": [95.0]}}}
+def _non_iid(bn_non_iid: float, brn_non_iid: float = 95.0) -> dict:
+    return {
+        "accuracy": {"bn": {"iid": [96.0], "non-iid": [bn_non_iid]}, "brn": {"iid": [96.0], "non-iid": [brn_non_iid]}}
+    }
 
 
 def _whitening(zca_loss: float) -> dict:
@@ -114,15 +118,22 @@ def _domain_shift(adabn: float) -> dict:
 
 def _weight_norm(init_loss: float) -> dict:
     curves = {"plain": [[1.0, 1.0]], "WN + init": [[init_loss]], "WN + mean-only BN": [[0.5]], "BN": [[0.4]]}
-    return {"curves": curves, "accuracy": {"WN + mean-only BN": [96.0], "BN": [96.5]}}
+    return {"curves": curves, "accuracy": {"WN + mean-only BN": [96.5], "BN": [96.0]}}
 
 
-def _normprop(np_var: float) -> dict:
-    def rec(var: float) -> dict:
-        return {"step": [0, 10], "mean": [[0.0, 0.1], [0.0, 0.1]], "var": [[1.0, var], [1.0, var]]}
+def _weight_norm_accuracy(mobn_acc: float) -> dict:
+    out = _weight_norm(0.6)
+    out["accuracy"]["WN + mean-only BN"] = [mobn_acc]
+    return out
+
+
+def _normprop(np_mean: float, np_wobble: float = 0.01) -> dict:
+    def rec(m: float, w: float) -> dict:
+        # Two recorded steps, two layers of two units each: unit means +-m, moving by w between the steps.
+        return {"step": [0, 10], "unit_mean": [[[m, -m], [m, -m]], [[m + w, -m - w], [m, m]]], "var": [[1, 1], [1, 1]]}
 
     return {
-        "moments": {"NormProp": [rec(np_var)], "BN": [rec(1.0)], "none": [rec(4.0)]},
+        "moments": {"NormProp": [rec(np_mean, np_wobble)], "BN": [rec(0.2, 0.1)]},
         "batch1": {"NormProp": {"test_accuracy": 90.0}},
     }
 
@@ -132,11 +143,14 @@ def _normprop(np_var: float) -> dict:
     [
         ("small-batch", _small_batch, (80.0, 92.0), (92.0, 92.0)),  # BN falls / BN holds
         ("small-batch", _small_batch, (80.0, 92.0), (80.0, 85.0)),  # CBN holds / CBN falls
-        ("non-iid", _non_iid, (80.0,), (94.0,)),
+        ("non-iid", _non_iid, (80.0,), (96.0,)),  # BN drops / BN holds
+        ("non-iid", _non_iid, (80.0, 95.0), (80.0, 85.0)),  # BRN recovers 94 % / 31 % of the drop
         ("whitening", _whitening, (0.7,), (1.2,)),
         ("domain-shift", _domain_shift, (90.0,), (41.0,)),
         ("weight-norm", _weight_norm, (0.6,), (1.5,)),
-        ("normprop", _normprop, (1.1,), (3.0,)),
+        ("weight-norm", _weight_norm_accuracy, (96.5,), (95.5,)),  # WN + mean-only BN at / below BN
+        ("normprop", _normprop, (0.05,), (0.5,)),  # closer to / farther from zero mean than BN
+        ("normprop", _normprop, (0.05, 0.01), (0.05, 0.5)),  # steadier / less steady than BN
     ],
 )
 def test_claim_verdict_follows_the_numbers(name: str, make, good: tuple, bad: tuple) -> None:  # noqa: ANN001
@@ -145,6 +159,62 @@ def test_claim_verdict_follows_the_numbers(name: str, make, good: tuple, bad: tu
     failed = check(make(*bad))
     assert failed.verdict == "NOT REPRODUCED"
     assert any(not c.passed for c in failed.criteria)
+
+
+def test_non_iid_drop_within_seed_noise_is_not_an_effect() -> None:
+    from normlab.lab.experiments.non_iid import paired_difference
+
+    m, se = paired_difference([96.0, 96.0, 96.0], [95.0, 90.0, 97.0])  # drops 1, 6, -1
+    assert m == pytest.approx(2.0) and se == pytest.approx(((1 + 16 + 9) / 2) ** 0.5 / 3**0.5)
+    noisy = {"accuracy": {"bn": {"iid": [96.0] * 3, "non-iid": [95.0, 90.0, 97.0]}, "brn": {"non-iid": [96.0] * 3}}}
+    effect = get("non-iid").claim(noisy).criteria[0]
+    assert not effect.passed and effect.threshold == pytest.approx(2 * se)
+    clear = {"accuracy": {"bn": {"iid": [96.0] * 3, "non-iid": [90.0, 91.0, 89.0]}, "brn": {"non-iid": [95.0] * 3}}}
+    assert get("non-iid").claim(clear).verdict == "REPRODUCED"
+
+
+def test_normprop_measures_the_normalized_input_before_the_affine() -> None:
+    from normlab.lab.experiments.normprop import normalized_input
+    from normlab.normprop import NormPropLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(50, 6, dtype=torch.float64)
+    layer = NormPropLinear(6, 4, factor=1.21).double()
+    with torch.no_grad():
+        layer.gain.uniform_(0.5, 2.0)
+        layer.bias.normal_()
+    w = layer.weight.detach()
+    expected = x @ w.T / (1.21 * torch.sqrt((w * w).sum(1)))  # W_i . x / (c ||W_i||), no gamma, no beta
+    assert torch.allclose(normalized_input(layer, x), expected)
+    bn = torch.nn.BatchNorm1d(4).double().eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+    t = torch.randn(50, 4, dtype=torch.float64)
+    assert torch.allclose(normalized_input(bn, t), (t - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps))
+
+
+def test_weight_norm_mean_only_variant_is_initialized_and_scale_free() -> None:
+    from normlab.lab.experiments.weight_norm import _build
+
+    torch.manual_seed(0)
+    batch = torch.randn(64, 1, 8, 8)
+    model = _build("WN + mean-only BN", 4, batch)
+    norms = [m for m in model.modules() if isinstance(m, normlab.NormBase)]
+    assert len(norms) == 3 and all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
+    assert all(int(m.num_batches_tracked) == 0 and float(m.running_mean.abs().max()) == 0.0 for m in norms)
+    seen = []
+    handles = [m.register_forward_hook(lambda _m, _i, o: seen.append(o)) for m in norms]
+    with torch.no_grad():
+        model.train()(batch)
+    for h in handles:
+        h.remove()
+    for out in seen:  # the data-dependent init: zero-mean, unit-variance pre-activations on the init batch
+        var, mean = torch.var_mean(out, dim=(0, 2, 3), correction=0)
+        assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-4)
+        assert torch.allclose(var, torch.ones_like(var), atol=1e-3)
 
 
 def test_claim_without_numbers_is_not_checked() -> None:

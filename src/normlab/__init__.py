@@ -7,7 +7,15 @@ into any model by name (:func:`kinds` lists the names).
 from .base import Moments, NormBase, batch_moments, inference_affine, is_stat_norm, load_statistics
 from .batch_renorm import BatchRenorm, Ramp, paper_schedule
 from .batchnorm import BatchNorm
+from .cross_iteration import CrossIterationBatchNorm
+from .decorrelated import DecorrelatedBatchNorm
+from .distributed import sync, unsync
+from .fold import find_pairs, fold
+from .mean_only import MeanOnlyBatchNorm
+from .normprop import NormPropConv2d, NormPropLinear, NormPropReLU, Standardize, dataset_statistics
 from .registry import ConversionReport, convert, kinds, register
+from .statistics import adapt, freeze, recompute_statistics, statistic_shift, unfreeze
+from .weight_norm import clip_weight_norm_, init_weight_norm, is_weight_normalized, remove_weight_norm, weight_norm
 
 __version__ = "0.1.0"
 
@@ -15,6 +23,8 @@ __all__ = [
     "BatchNorm",
     "BatchRenorm",
     "ConversionReport",
+    "CrossIterationBatchNorm",
+    "DecorrelatedBatchNorm",
     "Moments",
     "NormBase",
     "Ramp",
@@ -26,4 +36,24 @@ __all__ = [
     "load_statistics",
     "paper_schedule",
     "register",
+    "sync",
+    "unsync",
+    "MeanOnlyBatchNorm",
+    "NormPropConv2d",
+    "NormPropLinear",
+    "NormPropReLU",
+    "Standardize",
+    "dataset_statistics",
+    "clip_weight_norm_",
+    "init_weight_norm",
+    "is_weight_normalized",
+    "remove_weight_norm",
+    "weight_norm",
+    "adapt",
+    "find_pairs",
+    "fold",
+    "freeze",
+    "recompute_statistics",
+    "statistic_shift",
+    "unfreeze",
 ]

@@ -115,57 +115,151 @@ def sync_group(module: nn.Module) -> Any | None:
 
     ``None`` unless the module has a ``process_group`` set (see :func:`normlab.sync`), torch.distributed
     is initialized and the group has more than one process: outside a process group (or with world
-    size 1) layers behave exactly as unsynchronized.
+    size 1) layers behave exactly as unsynchronized. ``process_group`` is a torch ``ProcessGroup`` or
+    a :class:`normlab.distributed.GroupRef` (what :func:`normlab.sync` sets: it deep-copies and
+    pickles, and the default group is looked up when used, so a model may be synchronized before
+    ``init_process_group``).
     """
     group = getattr(module, "process_group", None)
     if group is None or not dist.is_available() or not dist.is_initialized():
         return None
+    from .distributed import GroupRef  # lazy: distributed.py imports this module
+
+    if isinstance(group, GroupRef):
+        group = group.resolve()
     return group if dist.get_world_size(group) > 1 else None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of a group; the backward sums the gradients over the processes.
+
+    With ``y = sum_p x_p`` on every process and the total loss ``sum_p L_p``, the gradient to
+    ``x_q`` is ``sum_p dL_p/dy``: the all_reduce of the incoming gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # noqa: ANN001
+        ctx.group = group
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        return _AllReduceSum.apply(grad, ctx.group), None
 
 
 def global_sum(tensors: list[Tensor], group: Any | None) -> list[Tensor]:
     """Sum each tensor over the processes of ``group`` (identity when ``group`` is ``None``).
 
-    Differentiable: the backward of a sum over processes is the sum over processes of the
-    gradients, which is what makes synchronized statistics give the gradients of the whole batch.
-    All tensors travel in one ``all_reduce``.
+    The one reduction of normlab's synchronized statistics (sums of ``x``, ``x^2``, ``x x^T`` and the
+    sample count). Differentiable: the backward of a sum over processes is the sum over processes
+    of the gradients, which is what makes synchronized statistics give the gradients of the whole
+    batch. All tensors travel in one ``all_reduce``, in their promoted dtype, and come back in their
+    own dtypes and shapes.
     """
     if group is None:
         return tensors
-    from torch.distributed.nn.functional import all_reduce
-
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    flat = all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    flat = _AllReduceSum.apply(torch.cat([t.reshape(-1).to(dtype) for t in tensors]), group)
     out, offset = [], 0
     for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view_as(t))
+        out.append(flat[offset : offset + t.numel()].view(t.shape).to(t.dtype))
         offset += t.numel()
     return out
 
 
-def channel_moments(x: Tensor, group: Any | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def check_global_count(count: Tensor, module: nn.Module | str, x: Tensor) -> None:
+    """Raise (on every process alike) unless the group's batch has more than one value per channel."""
+    if not bool(count > 1):
+        raise ValueError(
+            f"{_layer_name(module)}: expected more than 1 value per channel over the process group when "
+            f"training, got {int(count)} in all (this process: input of shape {tuple(x.shape)})"
+        )
+
+
+def accumulation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    # Sums of x and x^2 over a global batch lose the variance to cancellation (and the count its
+    # exactness above 2^24) in float32: accumulate in float64 where the device has it.
+    if dtype == torch.float32 and device.type in ("cpu", "cuda"):
+        return torch.float64
+    return dtype
+
+
+class _LocalMoments(torch.autograd.Function):
+    """Per-channel mean and biased variance of ``x`` ``(N, C, *)`` on torch's batch-norm statistics kernel.
+
+    ``torch.var_mean`` over the non-channel dimensions is 3-25x slower on CPU than the kernel torch's
+    BatchNorm uses, which has no autograd formula; its backward is
+    ``dx = (g_mean + 2 g_var (x - mean)) / m``. Twice differentiable: under ``create_graph`` the
+    backward recomputes the mean from ``x`` so that its dependency on ``x`` is in the graph.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        ctx.save_for_backward(x, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, g_mean: Tensor, g_var: Tensor) -> Tensor:  # noqa: ANN001
+        x, mean = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            mean = x.mean(reduce_dims(x))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        m = x.numel() // x.size(1)
+        return torch.addcmul((g_mean / m).reshape(shape), x - mean.reshape(shape), (g_var * (2 / m)).reshape(shape))
+
+
+def channel_moments(
+    x: Tensor, group: Any | None = None, module: nn.Module | str = "channel_moments"
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel batch mean, biased variance and sample count of ``x`` (differentiable).
 
     Computed in float32 for half/bfloat16 inputs. With a process ``group`` the statistics are
-    those of the global batch: the count, sum and sum of squares travel in one all_reduce, so
-    processes with uneven or empty batches are weighted by their counts.
+    those of the global batch: the count, sum and sum of squares (in float64 for float32
+    statistics) travel in one all_reduce, so processes with uneven or empty batches are weighted by
+    their counts. The sample-count check is then on the global batch: a ``ValueError``
+    (raised on every process alike, naming ``module``) unless there is more than one value per
+    channel in all.
     """
-    x = x.to(stat_dtype(x))
+    sdt = stat_dtype(x)
     dims = reduce_dims(x)
+    local = float(x.numel() // max(x.size(1), 1))
     if group is None:
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        count = torch.tensor(float(x.numel() // max(x.size(1), 1)), dtype=x.dtype, device=x.device)
-        return mean, var, count
-    count = torch.full((1,), float(x.numel() // max(x.size(1), 1)), dtype=x.dtype, device=x.device)
-    s, ss, count = global_sum([x.sum(dims), (x * x).sum(dims), count], group)
+        if local > 0:
+            mean, var = _LocalMoments.apply(x.to(sdt))
+        else:  # no samples: NaN statistics, as var_mean gives (callers check the count first)
+            var, mean = torch.var_mean(x.to(sdt), dim=dims, correction=0)
+        return mean, var, torch.tensor(local, dtype=sdt, device=x.device)
+    acc = accumulation_dtype(sdt, x.device)
+    if local > 0:
+        # The local sums of x and x^2 from the local mean and variance (torch's stable kernel): raw
+        # float32 squares of values far from zero would already have lost the variance.
+        mean, var = _LocalMoments.apply(x.to(sdt))
+        mean, var = mean.to(acc), var.to(acc)
+        s, ss = mean * local, (var + mean * mean) * local
+    else:
+        # Zeros that still depend on x, so that this process joins the all_reduce of the backward.
+        s = ss = x.to(sdt).sum(dims, dtype=acc)
+    count = torch.full((1,), local, dtype=acc, device=x.device)
+    s, ss, count = global_sum([s, ss, count], group)
     count = count.reshape(())
-    if not bool(count > 1):
-        raise ValueError(
-            f"expected more than 1 value per channel over the process group when training, got {int(count)}"
-        )
+    check_global_count(count, module, x)
     mean = s / count
     var = (ss / count - mean * mean).clamp_min(0)
-    return mean, var, count
+    return mean.to(sdt), var.to(sdt), count.to(sdt)
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The memory format ``x`` is laid out in (channels_last for 4-D/5-D NHWC tensors)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def channel_affine(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -353,12 +447,14 @@ def ema(running: Tensor, value: Tensor, factor: Tensor | float) -> None:
 def _bn_affine(
     mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor]:
-    scale = torch.rsqrt(var.float() + eps)
+    # In the statistics' dtype (float32 at least), so a float64 model folds exactly.
+    dtype = torch.promote_types(var.dtype, torch.float32)
+    scale = torch.rsqrt(var.to(dtype) + eps)
     if weight is not None:
-        scale = scale * weight.float()
-    shift = -mean.float() * scale
+        scale = scale * weight.to(dtype)
+    shift = -mean.to(dtype) * scale
     if bias is not None:
-        shift = shift + bias.float()
+        shift = shift + bias.to(dtype)
     return scale, shift
 
 

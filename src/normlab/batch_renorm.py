@@ -218,7 +218,7 @@ def batch_renorm(
             outputs = _RenormFunction.apply(x, weight, bias, running_mean, running_var, r_max, d_max, eps)
         y, mean, sigma_b, sigma = outputs[:4]
     else:
-        mean, var, _ = channel_moments(x, group)
+        mean, var, _ = channel_moments(x, group, "BatchRenorm")
         sigma_b = torch.sqrt(var + eps)
         with torch.no_grad():
             sigma = torch.sqrt(running_var + eps)

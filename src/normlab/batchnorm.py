@@ -44,10 +44,14 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         group = sync_group(self)
         use_batch = self.training or self.running_mean is None
         if group is None or not use_batch:
+            # torch's kernels; an empty batch in training would only bump num_batches_tracked there.
+            check_input(self, input, self.num_features, training=use_batch)
             return super().forward(input)
+        # Synchronized: the sample-count check is on the global batch (in channel_moments), so a
+        # process may hold one sample or none; statistics are validated before any state moves.
         self._check_input_dim(input)
-        mean, var, count = channel_moments(input, group)
-        if self.training and self.track_running_stats:
+        mean, var, count = channel_moments(input, group, self)
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             ema(self.running_mean, mean, factor)

@@ -169,7 +169,7 @@ def pooled_batch_norm(
         count = torch.tensor(float(x.numel() // x.size(1)), dtype=mean.dtype, device=x.device)
         return y, mean, var, count
     # Synchronized: the global statistics and their gradients through global_sum's all_reduce.
-    mean, var, count = channel_moments(x, group)
+    mean, var, count = channel_moments(x, group, "CrossIterationBatchNorm")
     mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean)
     y = channel_affine(x, mean_bar, torch.rsqrt(var_bar + eps), weight, bias)
     return y, mean.detach(), var.detach(), count
@@ -588,7 +588,7 @@ class CrossIterationBatchNorm(NormBase):
                 factor,
                 self.eps,
             )
-        mean, var, count = channel_moments(x, group)
+        mean, var, count = channel_moments(x, group, self)
         if self.updates_running_stats():
             self.update_running_stats(mean, var, count)
         return channel_affine(x, mean, torch.rsqrt(var + self.eps), self.weight, self.bias)

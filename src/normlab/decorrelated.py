@@ -79,7 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Moments, NormBase, ema, global_sum, stat_dtype
+from .base import Moments, NormBase, accumulation_dtype, check_global_count, ema, global_sum, stat_dtype
 from .registry import common_settings, register, transfer_state
 
 __all__ = [
@@ -442,18 +442,18 @@ def _dbn_global(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The training step composed of differentiable ops, with statistics summed over ``group``."""
     c = x.size(1)
-    xv = _grouped(x.to(stat_dtype(x)), G, g)
-    dims = _sample_dims(xv)
-    count = torch.full((1,), float(xv.numel() // (G * g)), dtype=xv.dtype, device=xv.device)
-    s, ss, count = global_sum([xv.sum(dims), _gram(xv, xv), count], group)
+    sdt = stat_dtype(x)
+    xv = _grouped(x.to(sdt), G, g)
+    # Raw sums of x x^T lose the covariance to cancellation in float32: accumulate in float64.
+    xa = xv.to(accumulation_dtype(sdt, x.device))
+    dims = _sample_dims(xa)
+    count = torch.full((1,), float(xa.numel() // (G * g)), dtype=xa.dtype, device=xa.device)
+    s, ss, count = global_sum([xa.sum(dims), _gram(xa, xa), count], group)
     count = count.reshape(())
-    if not bool(count > 1):
-        raise ValueError(
-            f"DecorrelatedBatchNorm: expected more than 1 value per channel over the process group when "
-            f"training, got {int(count)}"
-        )
+    check_global_count(count, "DecorrelatedBatchNorm", x)
     mean = s / count
-    cov = ss / count - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    cov = (ss / count - mean.unsqueeze(-1) * mean.unsqueeze(-2)).to(sdt)
+    mean, count = mean.to(sdt), count.to(sdt)
     mask = _pad_mask(c, G, g, cov)
     W = _whitening(_regularized(cov, eps, mask, method), method, iterations, mask, eps)
     A = W if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0).unsqueeze(-1) * W

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,9 @@ def _check_positive(name: str, what: str, value: Any) -> None:
         raise ValueError(f"{name}: expected {what} to be a positive int, got {value!r}")
 
 
+M = TypeVar("M", nn.Linear, nn.Conv2d)
+
+
 class _NormPropParametric(nn.Module):
     """Shared parameters of the NormProp linear and convolution layers: ``weight``, ``gain``, ``bias``."""
 
@@ -97,6 +100,14 @@ class _NormPropParametric(nn.Module):
         nn.init.ones_(self.gain)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    @torch.no_grad()
+    def _fill_plain(self, layer: M) -> M:
+        """Give the plain ``layer`` this layer's effective weight and bias."""
+        layer.weight.copy_(self.effective_weight())
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        return layer
 
     def effective_weight(self) -> Tensor:
         """``gamma_i * W_i / (c * ||W_i||)``: the weight of the equivalent plain layer (differentiable)."""
@@ -143,10 +154,7 @@ class NormPropLinear(_NormPropParametric):
         """The equivalent ``nn.Linear`` (same outputs), for deployment."""
         w = self.weight
         layer = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=w.device, dtype=w.dtype)
-        layer.weight.copy_(self.effective_weight())
-        if self.bias is not None:
-            layer.bias.copy_(self.bias)
-        return layer
+        return self._fill_plain(layer)
 
     def extra_repr(self) -> str:
         return (
@@ -224,10 +232,7 @@ class NormPropConv2d(_NormPropParametric):
             device=w.device,
             dtype=w.dtype,
         )
-        layer.weight.copy_(self.effective_weight())
-        if self.bias is not None:
-            layer.bias.copy_(self.bias)
-        return layer
+        return self._fill_plain(layer)
 
     def extra_repr(self) -> str:
         return (

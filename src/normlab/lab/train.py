@@ -151,6 +151,7 @@ class TrainConfig:
     classes_per_batch: int | None = None  # None: i.i.d. shuffled minibatches
     max_steps: int | None = None
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adam" (betas (momentum, 0.999))
+    decay_from: float | None = None  # fraction of the steps after which lr decays linearly to 0 (None: constant)
 
 
 @dataclass
@@ -219,6 +220,11 @@ def fit(
     x_all, y_all = split.x_train.to(device), split.y_train.to(device)
     hist = History()
     total = count_steps(split, cfg)
+    sched = None
+    if cfg.decay_from is not None:
+        start_decay = cfg.decay_from * total
+        span = max(total - start_decay, 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, max(0.0, (total - t) / span)))
     with ctx.bar(total=total, desc=desc) as bar:
         for idx in _batches(split, cfg, generator(seed)):
             if cfg.max_steps is not None and hist.steps >= cfg.max_steps:
@@ -232,6 +238,8 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             hist.step_seconds.append(time.perf_counter() - start)
             value = float(loss.detach())
             if ctx.dist.active:

@@ -1,16 +1,31 @@
 """non-iid: BatchNorm vs Batch Renormalization on minibatches drawn from a few classes at a time
 (the non-i.i.d. setting of Ioffe, "Batch Renormalization", NeurIPS 2017, arXiv 1702.03275, Sec. 4.3).
 
-The digits CNN is trained with minibatches of 32 that each hold only 4 of the 10 classes (8 examples
-of each), and, for reference, with shuffled i.i.d. minibatches; the test set is evaluated i.i.d. in eval
-mode. The paper's explanation: BN's training-time output of an example depends on the other
-examples of its (biased) minibatch, so the model fits minibatch statistics that the population
-statistics used at inference do not reproduce; Batch Renorm's corrections ``r, d`` tie training to
-the moving statistics and remove that dependence.
+The paper's recipe (ImageNet, Inception-v3, minibatches of 32): each minibatch holds 16 randomly
+chosen labels with 2 examples of each, so every example shares its label with exactly one other
+example of its minibatch and the minibatch covers a small fraction of the classes. Its result: BN's
+validation accuracy falls well below BN with i.i.d. minibatches, and Batch Renorm recovers most of
+the loss (BN 78.3 % i.i.d., 67.0 % non-i.i.d.; BRN 76.5 % non-i.i.d.).
+
+Here, on scikit-learn's 10-class digits, the recipe is kept where 10 classes allow: 2 examples per
+class, 4 classes per minibatch (a minibatch of 8; 16 classes cannot be drawn from 10), so the
+minibatch is strongly label-biased and every example has one same-label partner. The reference is
+the same network trained with shuffled i.i.d. minibatches of the same size, so the comparison
+isolates the composition of the minibatch from its size. The learning rate is scaled from the
+lab's 0.1 at batch 32 linearly with the batch size. The test set is evaluated i.i.d. in eval mode
+(moving statistics), as the paper's validation. Initial weights are shared across the four
+(normalizer, order) runs of a seed, so differences are paired by seed.
+
+Claim check, from the paper's statement rather than a fixed margin: (1) the effect exists: BN's
+test accuracy with non-i.i.d. minibatches is below its i.i.d. accuracy by more than seed noise
+(paired mean difference > 2 standard errors; > 0 with one seed); (2) BRN "recovers most" of it:
+``(BRN non-iid - BN non-iid) / (BN iid - BN non-iid) >= 0.5`` (the paper's numbers give 0.84).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +35,7 @@ import normlab
 
 from ..data import digits, standardize, subset
 from ..models import cnn, with_norm
-from ..report import Claim, mean_std, pyplot
+from ..report import Claim, Criterion, mean_std, pyplot
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
 from .common import save
@@ -28,8 +43,27 @@ from .common import save
 NORMS = ("bn", "brn")
 LABELS = {"bn": "BN", "brn": "BRN"}
 ORDERS = ("iid", "non-iid")
-GAIN_MIN = 3.0  # points BRN must gain over BN with non-i.i.d. minibatches
-BN_LOSS_MIN = 3.0  # points BN must lose from i.i.d. to non-i.i.d. minibatches
+PER_CLASS = 2  # the paper's examples per label
+CLASSES_PER_BATCH = 4
+RECOVERY_MIN = 0.5  # "most" of BN's loss: more than half
+NOISE_SE = 2.0  # an effect must exceed this many standard errors of the paired seed differences
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of ``a[s] - b[s]`` over seeds ``s`` (paired); the error is 0 for one seed."""
+    d = [x - y for x, y in zip(a, b)]
+    if not d:
+        return float("nan"), float("nan")
+    m = sum(d) / len(d)
+    if len(d) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
+def exceeds(claim: Claim, description: str, value: float, threshold: float) -> None:
+    """Add the strict criterion ``value > threshold`` (an effect must be larger than the noise, not equal to it)."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and value > threshold
+    claim.criteria.append(Criterion(description, float(value), float(threshold), ok))
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -38,9 +72,10 @@ def run(ctx: Context) -> dict[str, Any]:
     if ctx.preset == "tiny":
         split = subset(split, 128, 64)
     seeds = ctx.pick(1, 3, 5)
-    epochs = ctx.pick(1, 6, 20)
+    epochs = ctx.pick(1, 4, 15)
     width = ctx.pick(4, 8, 16)
-    batch, classes_per_batch, lr = 32, 4, 0.1
+    batch = PER_CLASS * CLASSES_PER_BATCH
+    lr = 0.1 * batch / 32
     acc: dict[str, dict[str, list[float]]] = {k: {o: [] for o in ORDERS} for k in NORMS}
     train_acc: dict[str, dict[str, list[float]]] = {k: {o: [] for o in ORDERS} for k in NORMS}
     curves: dict[str, list[float]] = {}
@@ -49,7 +84,7 @@ def run(ctx: Context) -> dict[str, Any]:
     with ctx.bar(total=len(jobs), desc="non-iid") as bar:
         for kind, order, s in jobs:
             seed = ctx.seed * 1000 + s
-            cfg = TrainConfig(epochs, batch, lr, classes_per_batch=classes_per_batch if order == "non-iid" else None)
+            cfg = TrainConfig(epochs, batch, lr, classes_per_batch=CLASSES_PER_BATCH if order == "non-iid" else None)
             torch.manual_seed(seed)
             model = with_norm(cnn(1, width, 10, dims=2), kind, **_options(kind, steps))
             hist = fit(model, split, cfg, ctx, seed=seed, desc=f"{kind} {order}")
@@ -62,12 +97,13 @@ def run(ctx: Context) -> dict[str, Any]:
         "data": f"digits, {len(split.y_train)} train / {len(split.y_test)} test, standardized",
         "model": f"cnn(width={width})",
         "batch_size": batch,
-        "classes_per_batch": classes_per_batch,
+        "non_iid_minibatch": f"{CLASSES_PER_BATCH} random classes x {PER_CLASS} examples (paper: 16 labels x 2)",
+        "iid_reference": f"shuffled minibatches of {batch}",
         "epochs": epochs,
         "seeds": seeds,
-        "optimizer": f"SGD lr {lr} momentum 0.9",
+        "optimizer": f"SGD lr {lr:g} (0.1 x batch / 32) momentum 0.9",
         "brn": "momentum 0.1, paper_schedule scaled to the run's steps",
-        "claim_thresholds": {"brn_gain_min_points": GAIN_MIN, "bn_loss_min_points": BN_LOSS_MIN},
+        "claim_thresholds": {"recovery_min": RECOVERY_MIN, "effect_min_standard_errors": NOISE_SE},
     }
     return {"settings": settings, "accuracy": acc, "train_accuracy": train_acc, "curves": curves, "notes": []}
 
@@ -78,23 +114,21 @@ def _options(kind: str, steps: int) -> dict[str, Any]:
     return {}
 
 
-def _mean(results: dict[str, Any], kind: str, order: str) -> float:
-    return mean_std(results["accuracy"].get(kind, {}).get(order, []))[0]
+def _accs(results: dict[str, Any], kind: str, order: str) -> list[float]:
+    return list(results["accuracy"].get(kind, {}).get(order, []))
 
 
 def claim(results: dict[str, Any]) -> Claim:
-    """With non-i.i.d. minibatches BRN beats BN by GAIN_MIN points, and BN loses BN_LOSS_MIN points
-    against its i.i.d. training."""
+    """BN loses accuracy with non-i.i.d. minibatches beyond seed noise, and BRN recovers most of that loss."""
     c = Claim(
-        f"with few-class minibatches BRN's test accuracy exceeds BN's by >= {GAIN_MIN:g} points, and BN "
-        f"loses >= {BN_LOSS_MIN:g} points against i.i.d. minibatches"
+        "with few-class minibatches BN's test accuracy drops below its i.i.d. accuracy (by more than "
+        f"{NOISE_SE:g} standard errors over seeds), and BRN recovers most (>= {RECOVERY_MIN:.0%}) of that drop"
     )
-    c.at_least(
-        "BRN - BN, non-i.i.d. (points)", _mean(results, "brn", "non-iid") - _mean(results, "bn", "non-iid"), GAIN_MIN
-    )
-    c.at_least(
-        "BN i.i.d. - BN non-i.i.d. (points)", _mean(results, "bn", "iid") - _mean(results, "bn", "non-iid"), BN_LOSS_MIN
-    )
+    loss, se = paired_difference(_accs(results, "bn", "iid"), _accs(results, "bn", "non-iid"))
+    exceeds(c, f"BN i.i.d. - BN non-i.i.d. (points), threshold {NOISE_SE:g} standard errors", loss, NOISE_SE * se)
+    gain = mean_std(_accs(results, "brn", "non-iid"))[0] - mean_std(_accs(results, "bn", "non-iid"))[0]
+    recovery = gain / loss if loss > 0 else float("nan")
+    c.at_least("(BRN non-i.i.d. - BN non-i.i.d.) / (BN i.i.d. - BN non-i.i.d.)", recovery, RECOVERY_MIN)
     return c
 
 
