@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import re
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -55,9 +54,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import NormBase, channel_affine, channel_moments, global_sum, memory_format_of
+from .fold import find_pairs
 from .registry import ConversionReport, build_normbase, register
 
-__all__ = ["CrossIterationBatchNorm", "pooled_batch_norm", "producer_derivatives", "compensate", "find_producer"]
+__all__ = ["CrossIterationBatchNorm", "pooled_batch_norm", "producer_derivatives", "compensate"]
 
 PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # The state that BatchNorm checkpoints lack; loading one resets it (see _load_from_state_dict).
@@ -613,54 +613,26 @@ class CrossIterationBatchNorm(NormBase):
 
 
 # ----------------------------------------------------------------------------------- convert
-_NORM_NAME = re.compile(r"(.*?)(bn|norm)(\d*)")
-
-
-def find_producer(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
-    """The layer whose output goes straight into the submodule ``name`` of ``model``, by structure.
-
-    Rules: in an ``nn.Sequential``, the module right before it; elsewhere, a sibling named like it
-    with ``conv``/``fc``/``linear`` for ``bn``/``norm`` (``bn1`` -> ``conv1``, ``norm`` -> ``conv``,
-    ``downsample_bn`` -> ``downsample_conv``), as in ResNet-style blocks. The candidate must be a
-    ``nn.Conv1d/2d/3d`` or ``nn.Linear`` with the layer's channel count. Returns ``(producer, "")``
-    or ``(None, reason)``.
-    """
-    if not name:
-        return None, "the model itself is the normalization layer"
-    layer = model.get_submodule(name)
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    siblings = list(parent._modules)
-    if isinstance(parent, nn.Sequential):
-        i = siblings.index(child)
-        if i == 0:
-            return None, "first module of its nn.Sequential, its producer is not known"
-        source = siblings[i - 1]
-    else:
-        m = _NORM_NAME.fullmatch(child)
-        if m is None:
-            return None, "not in an nn.Sequential and not named bn<N>/norm<N> next to a conv<N>"
-        candidates = [f"{m[1]}{kind}{m[3]}" for kind in ("conv", "fc", "linear")]
-        found = [c for c in candidates if c in parent._modules]
-        if not found:
-            return None, f"no sibling named {' or '.join(repr(c) for c in candidates)}"
-        source = found[0]
-    producer = parent._modules[source]
-    if producer is None or not _supported(producer):
-        return None, f"its producer {source!r} is {type(producer).__name__}, not a Conv1d/2d/3d or Linear"
-    if _out_channels(producer) != layer.num_features:
-        return None, f"its producer {source!r} has {_out_channels(producer)} output channels, not {layer.num_features}"
-    return producer, ""
-
-
 def _pair_converted(model: nn.Module, report: ConversionReport, kwargs: dict[str, Any]) -> None:
-    """``convert``'s finalize hook: pair each new layer with its producer, report the ones it cannot."""
+    """``convert``'s finalize hook: pair each new layer with its producer, report the ones it cannot.
+
+    The pairs are :func:`normlab.fold.find_pairs`'s (the conv or linear whose output goes straight
+    into the norm and nowhere else, found by tracing ``forward``, or by the ``nn.Sequential`` and
+    ``conv<N>``/``bn<N>`` naming rules where it cannot be traced), restricted to the producers this
+    layer compensates (Conv1d/2d/3d, Linear).
+    """
+    producers = {norm: producer for producer, norm in find_pairs(model)}
     unpaired = []
     for name, _, new_cls in report.converted:
         layer = model.get_submodule(name) if name else model
         if new_cls != CrossIterationBatchNorm.__name__ or not isinstance(layer, CrossIterationBatchNorm):
             continue
-        producer, why = find_producer(model, name)
+        producer = model.get_submodule(producers[name]) if name in producers else None
+        if producer is not None and not _supported(producer):
+            why = f"its producer {producers[name]!r} is a {type(producer).__name__}, not a Conv1d/2d/3d or Linear"
+            producer = None
+        elif producer is None:
+            why = "no conv or linear layer feeds it directly (see normlab.fold.find_pairs)"
         layer.attach(producer)
         if producer is None:
             report.skipped.append((name, f"not paired ({why}): pools uncompensated statistics"))
