@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .base import NormBase
 from .batchnorm import BatchNorm
-from .registry import common_settings
+from .registry import common_settings, replace_module
 
 __all__ = ["GroupRef", "sync", "unsync", "is_synced", "init_from_env", "rank", "world_size", "shard"]
 
@@ -109,14 +109,6 @@ def _copy_model(model: nn.Module) -> nn.Module:
         if group is not None and not isinstance(group, GroupRef):
             memo[id(group)] = group
     return copy.deepcopy(model, memo)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if name == "":
-        return new
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    return model
 
 
 def _rebuild(layer: nn.Module, cls: type[nn.Module]) -> nn.Module:
@@ -194,7 +186,7 @@ def sync(model: nn.Module, process_group: Any | None = None, *, inplace: bool = 
                 new.process_group = ref
                 new._normlab_origin = getattr(module, "_normlab_origin", type(module))
                 built[id(module)] = new
-            model = _replace(model, name, built[id(module)])
+            model = replace_module(model, name, built[id(module)])
     return model
 
 
@@ -217,7 +209,7 @@ def unsync(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if isinstance(module, BatchNorm) and origin in _TORCH_BN:
             if id(module) not in built:
                 built[id(module)] = _rebuild(module, origin)
-            model = _replace(model, name, built[id(module)])
+            model = replace_module(model, name, built[id(module)])
     return model
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .base import check_input, inference_affine, is_stat_norm
+from .registry import replace_module
 
 __all__ = ["fold", "find_pairs", "fold_pair", "ChannelAffine", "PRODUCERS"]
 
@@ -261,14 +262,6 @@ def fold_pair(producer: nn.Module, norm: nn.Module) -> bool:
     return True
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if name == "":
-        return new
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    return model
-
-
 def _remove_reparametrizations(model: nn.Module) -> nn.Module:
     from torch.nn.utils.weight_norm import WeightNorm
 
@@ -297,7 +290,7 @@ def _remove_reparametrizations(model: nn.Module) -> nn.Module:
                     f"fold: expected {name or '<model>'} ({type(module).__name__}).as_plain() to return an nn.Module, "
                     f"got {type(new).__name__}"
                 )
-            model = _set(model, name, new.eval())
+            model = replace_module(model, name, new.eval())
             return
         for child_name, child in list(module.named_children()):
             walk(child, f"{name}.{child_name}" if name else child_name)
@@ -353,10 +346,10 @@ def fold(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) -> nn
             )
     for producer_name, norm_name in chosen:
         if fold_pair(modules[producer_name], modules[norm_name]):
-            out = _set(out, norm_name, nn.Identity())
+            out = replace_module(out, norm_name, nn.Identity())
     for name, m in list(out.named_modules()):
         if is_stat_norm(m):
             a, b = inference_affine(m)
             dtype = m.weight.dtype if getattr(m, "weight", None) is not None else m.running_mean.dtype
-            out = _set(out, name, ChannelAffine(a.to(dtype), b.to(dtype)))
+            out = replace_module(out, name, ChannelAffine(a.to(dtype), b.to(dtype)))
     return out.eval()

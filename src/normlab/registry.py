@@ -20,7 +20,7 @@ from torch import nn
 
 from .base import NormBase
 
-__all__ = ["register", "kinds", "convert", "ConversionReport", "common_settings", "transfer_state"]
+__all__ = ["register", "kinds", "convert", "ConversionReport", "common_settings", "transfer_state", "replace_module"]
 
 log = logging.getLogger("normlab")
 
@@ -163,6 +163,15 @@ def _named_targets(model: nn.Module, types: tuple[type, ...]) -> Iterable[tuple[
     yield from walk(model, "")
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at the qualified ``name`` in ``model``; return the model (``new`` itself for ``""``)."""
+    if name == "":
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
+
+
 def convert(
     model: nn.Module,
     to: str,
@@ -207,12 +216,7 @@ def convert(
         for attr in ("frozen", "process_group"):
             if hasattr(layer, attr) and hasattr(new, attr):
                 setattr(new, attr, getattr(layer, attr))
-        if name == "":
-            model = new
-        else:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, new)
+        model = replace_module(model, name, new)
         rep.converted.append((name, type(layer).__name__, type(new).__name__))
         log.info("normlab.convert: %s: %s -> %s", name or "<model>", type(layer).__name__, type(new).__name__)
     if not targets:

@@ -8,6 +8,7 @@ normalization for ``"none"``), so all variants share the exact same architecture
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,6 +86,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def run_with_hooks(model: nn.Module, x: torch.Tensor, layers: list[nn.Module], hook: Callable[..., None]) -> None:
+    """Run ``model(x)`` with the forward ``hook`` on each of ``layers`` (removed afterwards)."""
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def output_moments(model: nn.Module, x: torch.Tensor, layers: list[nn.Module]) -> list[tuple[float, float]]:
     """Per layer in ``layers``: the mean over units of the per-unit output mean and variance on ``x``."""
@@ -95,10 +106,5 @@ def output_moments(model: nn.Module, x: torch.Tensor, layers: list[nn.Module]) -
         var, mean = torch.var_mean(out.float(), dim=dims, correction=0)
         seen.append((float(mean.mean()), float(var.mean())))
 
-    handles = [m.register_forward_hook(hook) for m in layers]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, x, layers, hook)
     return seen

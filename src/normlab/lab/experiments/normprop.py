@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data import Split, digits, subset
-from ..models import mlp, with_norm
+from ..models import mlp, run_with_hooks, with_norm
 from ..report import Claim, mean_std, pyplot
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
@@ -94,12 +94,9 @@ def unit_means(model: nn.Module, layers: list[nn.Module], x: Tensor) -> tuple[li
         means.append(mean.tolist())
         variances.append(float(var.mean()))
 
-    handles = [m.register_forward_hook(hook) for m in layers]
     try:
-        model(x)
+        run_with_hooks(model, x, layers, hook)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was)
     return means, variances
 
