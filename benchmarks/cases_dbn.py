@@ -37,13 +37,7 @@ class EighAutogradDBN(nn.Module):
         xg = x.transpose(0, 1).reshape(groups, self.g, -1)  # (G, g, m)
         xc = xg - xg.mean(-1, keepdim=True)
         sigma = xc @ xc.mT / xc.size(-1) + self.eps * torch.eye(self.g)
-        # One LAPACK thread, as DecorrelatedBatchNorm runs its eigh: the comparison is of the rest.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            lam, d = torch.linalg.eigh(sigma)
-        finally:
-            torch.set_num_threads(threads)
+        lam, d = torch.linalg.eigh(sigma)
         w = d @ torch.diag_embed(lam.rsqrt()) @ d.mT
         y = (w @ xc).reshape(c, n, *x.shape[2:]).transpose(0, 1)
         shape = (1, c) + (1,) * (x.dim() - 2)

@@ -71,8 +71,6 @@ differentiable ops and autograd gives the gradient of the whole batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -199,35 +197,8 @@ def _stored(W: Tensor, mask: Tensor | None) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ whitening matrices
-# Below this many multiply-adds per product (G g^3) a batch of small matrix ops runs on one thread.
-_ONE_THREAD_WORK = 2**18
-
-
-@contextmanager
-def _small_matrix_ops(like: Tensor, always: bool = False) -> Iterator[None]:
-    """Run the enclosed ops on the (G, g, g) matrices ``like`` on one CPU thread (restored afterwards).
-
-    A small batch of small matrices is too little work to gain from threads, and on a loaded machine
-    the thread barriers can cost many times the op; LAPACK's threading inside one eigendecomposition
-    of a g x g matrix (``always``) does not pay for any g this layer uses, and torch loops over the
-    batch in eigh in any case. No effect on other devices. The thread count is process-wide: ops run
-    meanwhile from other Python threads also run on one thread.
-    """
-    n = torch.get_num_threads()
-    small = always or like.size(0) * like.size(-1) ** 3 < _ONE_THREAD_WORK
-    if like.device.type != "cpu" or n == 1 or not small:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _eig(sigma: Tensor, floor: float) -> tuple[Tensor, Tensor]:
-    with _small_matrix_ops(sigma, always=True):
-        lam, D = torch.linalg.eigh(sigma)
+    lam, D = torch.linalg.eigh(sigma)
     # Sigma >= eps I in exact arithmetic: the floor only removes rounding below it.
     return lam.clamp_min(floor).sqrt(), D
 
@@ -377,16 +348,15 @@ class _DBNFunction(torch.autograd.Function):
         xc = xv - _expand(mean, xv)
         cov = _gram(xc, xc) / m
         mask = _pad_mask(c, G, g, cov)
-        with _small_matrix_ops(cov):
-            sigma = _regularized(cov, eps, mask, method)
-            if method == "newton":
-                W, saved = _newton_forward(sigma, iterations, mask)
-            else:
-                s, D = _eig(sigma, eps)
-                W = _zca_forward(D, s) if method == "zca" else _pca_forward(D, s)
-                saved = (D, s)
-            gamma = None if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0)
-            A = W if gamma is None else gamma.unsqueeze(-1) * W
+        sigma = _regularized(cov, eps, mask, method)
+        if method == "newton":
+            W, saved = _newton_forward(sigma, iterations, mask)
+        else:
+            s, D = _eig(sigma, eps)
+            W = _zca_forward(D, s) if method == "zca" else _pca_forward(D, s)
+            saved = (D, s)
+        gamma = None if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0)
+        A = W if gamma is None else gamma.unsqueeze(-1) * W
         y = _apply(A, xc)
         if bias is not None:
             y = y.add_(_expand(_pad_vector(bias.to(W.dtype), G, g, 0.0), y))
@@ -410,20 +380,19 @@ class _DBNFunction(torch.autograd.Function):
         g_bias = gsum.reshape(-1)[:c].to(b_dtype) if ctx.needs_input_grad[2] else None
         if not ctx.needs_input_grad[0]:
             return None, g_weight, g_bias, None, None, None, None, None
-        with _small_matrix_ops(W):
-            A = W if gamma is None else gamma.unsqueeze(-1) * W
-            gW = P if gamma is None else gamma.unsqueeze(-1) * P
-            if method == "newton":
-                g_sigma = _newton_backward(tuple(saved), gW, mask)
-            else:
-                D, s = saved
-                g_sigma = (_zca_backward if method == "zca" else _pca_backward)(D, s, gW)
-            if mask is not None:
-                g_sigma = g_sigma * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
-            # d/dXc of W Xc and of Xc Xc^T / m; the mean's backward subtracts the mean gradient,
-            # which is A^T mean(dL/dy) because Xc sums to zero.
-            shift = -torch.einsum("gji,gj->gi", A, gsum / m)
-            g_sym = (g_sigma + g_sigma.mT) / m
+        A = W if gamma is None else gamma.unsqueeze(-1) * W
+        gW = P if gamma is None else gamma.unsqueeze(-1) * P
+        if method == "newton":
+            g_sigma = _newton_backward(tuple(saved), gW, mask)
+        else:
+            D, s = saved
+            g_sigma = (_zca_backward if method == "zca" else _pca_backward)(D, s, gW)
+        if mask is not None:
+            g_sigma = g_sigma * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
+        # d/dXc of W Xc and of Xc Xc^T / m; the mean's backward subtracts the mean gradient,
+        # which is A^T mean(dL/dy) because Xc sums to zero.
+        shift = -torch.einsum("gji,gj->gi", A, gsum / m)
+        g_sym = (g_sigma + g_sigma.mT) / m
         gx = _apply_sum(A.mT, gv, g_sym, xc, shift)
         gx = _ungrouped(gx, shape).to(dtype)
         return gx, g_weight, g_bias, None, None, None, None, None
