@@ -72,9 +72,12 @@ def peak_memory(step: Step) -> int:
 
 def time_pair(a: Step, b: Step, repeats: int, min_time: float = 0.05) -> tuple[float, float]:
     """Median seconds per call of ``a`` and ``b``, measured interleaved."""
-    for _ in range(3):  # warm-up (allocator, lazy initialisation)
+    # Warm-up (allocator, lazily built kernels, CPU frequency): at least 3 calls each and 0.5 s.
+    start, calls = time.perf_counter(), 0
+    while calls < 3 or time.perf_counter() - start < 0.5:
         a()
         b()
+        calls += 1
     t0 = time.perf_counter()
     a()
     once = max(time.perf_counter() - t0, 1e-6)
