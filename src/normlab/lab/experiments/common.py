@@ -1,4 +1,4 @@
-"""Helpers the experiments share: which kinds the library provides, and plotting conventions."""
+"""Helpers the experiments share: plotting conventions."""
 
 from __future__ import annotations
 
@@ -6,33 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import normlab
-
 from ..report import pyplot
 
-__all__ = ["available", "missing_note", "save", "line_plot"]
-
-# The library piece each optional kind comes from, for the notes of a run without it.
-_SOURCES = {
-    "cbn": "normlab.CrossIterationBatchNorm (cross_iteration.py)",
-    "dbn": "normlab.DecorrelatedBatchNorm (decorrelated.py)",
-}
-
-
-def available(kind: str) -> bool:
-    """Whether :func:`normlab.convert` knows the kind ``kind`` in this installation."""
-    return kind == "none" or kind in normlab.kinds()
-
-
-def missing_note(what: str, piece: str) -> str:
-    """The note an experiment records when it leaves ``what`` out because ``piece`` is missing."""
-    return f"{what} left out: {piece} is not available in this normlab installation"
-
-
-def kind_note(kind: str) -> str:
-    """:func:`missing_note` for a conversion kind."""
-    return missing_note(kind, _SOURCES.get(kind, f"the normalization kind {kind!r}"))
-
+__all__ = ["save", "line_plot"]
 
 def save(fig: Any, out: Path, name: str) -> str:
     """Save ``fig`` as ``out/name`` (PNG, 120 dpi), close it and return ``name``."""

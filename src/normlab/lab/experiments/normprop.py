@@ -39,33 +39,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normlab import normprop
+
 from ..data import Split, digits, subset
 from ..models import mlp, run_with_hooks, with_norm
 from ..report import Claim, mean_std, pyplot
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import missing_note, save
+from .common import save
 
 VARIANTS = ("NormProp", "BN")
 BATCH1_MIN = 80.0  # test accuracy (%) NormProp must reach when trained with batch size 1
 HIDDEN, DEPTH = 64, 3
 
 
-def _normprop_net(np_mod: Any, std: nn.Module) -> nn.Sequential:
+def _normprop_net(std: nn.Module) -> nn.Sequential:
     layers: list[nn.Module] = [std, nn.Flatten()]
     width = 64
     for _ in range(DEPTH):
-        layers += [np_mod.NormPropLinear(width, HIDDEN), np_mod.NormPropReLU()]
+        layers += [normprop.NormPropLinear(width, HIDDEN), normprop.NormPropReLU()]
         width = HIDDEN
     layers.append(nn.Linear(width, 10))
     return nn.Sequential(*layers)
 
 
-def _build(label: str, np_mod: Any, std: nn.Module) -> tuple[nn.Sequential, list[nn.Module]]:
+def _build(label: str, std: nn.Module) -> tuple[nn.Sequential, list[nn.Module]]:
     """The network and its normalizing modules (NormPropLinear or BatchNorm1d), in order."""
     if label == "NormProp":
-        net = _normprop_net(np_mod, std)
-        return net, [m for m in net if isinstance(m, np_mod.NormPropLinear)]
+        net = _normprop_net(std)
+        return net, [m for m in net if isinstance(m, normprop.NormPropLinear)]
     net = with_norm(nn.Sequential(std, mlp(64, HIDDEN, DEPTH, 10)), "bn")
     return net, [m for m in net.modules() if isinstance(m, nn.BatchNorm1d)]
 
@@ -103,21 +105,11 @@ def unit_means(model: nn.Module, layers: list[nn.Module], x: Tensor) -> tuple[li
 
 def run(ctx: Context) -> dict[str, Any]:
     """Train NormProp and BN, recording the hidden layers' normalized inputs on the test set; then batch 1."""
-    try:
-        from normlab import normprop as np_mod
-    except ImportError:
-        return {
-            "settings": {},
-            "moments": {},
-            "accuracy": {},
-            "batch1": {},
-            "notes": [missing_note("NormProp", "normlab.NormPropLinear (normprop.py)")],
-        }
     split = digits()
     if ctx.preset == "tiny":
         split = subset(split, 128, 64)
     split = Split(split.name, split.x_train.flatten(1), split.y_train, split.x_test.flatten(1), split.y_test)
-    mean, sd = np_mod.dataset_statistics([split.x_train])
+    mean, sd = normprop.dataset_statistics([split.x_train])
     seeds = ctx.pick(1, 2, 5)
     epochs = ctx.pick(1, 6, 20)
     epochs1 = ctx.pick(1, 1, 3)
@@ -134,7 +126,7 @@ def run(ctx: Context) -> dict[str, Any]:
             seed = ctx.seed * 1000 + s
             for label in VARIANTS:
                 torch.manual_seed(seed)
-                model, layers = _build(label, np_mod, np_mod.Standardize(mean, sd, dim=1))
+                model, layers = _build(label, normprop.Standardize(mean, sd, dim=1))
                 model.to(ctx.device)
                 rec: dict[str, list] = {"step": [], "unit_mean": [], "var": []}
 
@@ -151,7 +143,7 @@ def run(ctx: Context) -> dict[str, Any]:
         seed = ctx.seed * 1000
         cfg1 = TrainConfig(epochs1, 1, lr / 32)
         torch.manual_seed(seed)
-        model, _ = _build("NormProp", np_mod, np_mod.Standardize(mean, sd, dim=1))
+        model, _ = _build("NormProp", normprop.Standardize(mean, sd, dim=1))
         hist = fit(model, split, cfg1, ctx, seed=seed, desc="NormProp batch 1")
         batch1["NormProp"] = {
             "test_accuracy": 100 * evaluate(model, split.x_test, split.y_test)[0],
@@ -160,7 +152,7 @@ def run(ctx: Context) -> dict[str, Any]:
         }
         bar.update(1)
         torch.manual_seed(seed)
-        model, _ = _build("BN", np_mod, np_mod.Standardize(mean, sd, dim=1))
+        model, _ = _build("BN", normprop.Standardize(mean, sd, dim=1))
         try:
             fit(model, split, TrainConfig(1, 1, lr / 32, max_steps=1), ctx, seed=seed, desc="BN batch 1")
             batch1["BN"] = {"error": None}

@@ -44,7 +44,7 @@ from ..models import cnn, with_norm
 from ..report import Claim, mean_std, pyplot
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import available, missing_note, save
+from .common import save
 
 VARIANTS = ("plain", "WN", "WN + init", "WN + mean-only BN", "BN")
 LR = 0.003  # Adam, WN / BN / mean-only BN (the paper's Figure 2)
@@ -96,21 +96,8 @@ def _build(label: str, width: int, init_batch: torch.Tensor) -> nn.Module:
 
 def run(ctx: Context) -> dict[str, Any]:
     """Train every variant over the seeds; record loss curves, test accuracy and time per step."""
-    try:
-        import normlab.weight_norm  # noqa: F401
-    except ImportError:
-        return {
-            "settings": {},
-            "curves": {},
-            "accuracy": {},
-            "step_ms": {},
-            "notes": [missing_note("weight normalization", "normlab.weight_norm (weight_norm.py)")],
-        }
     variants = list(VARIANTS)
-    notes = []
-    if not available("mobn"):
-        variants.remove("WN + mean-only BN")
-        notes.append(missing_note("WN + mean-only BN", "normlab.MeanOnlyBatchNorm (mean_only.py)"))
+    notes: list[str] = []
     split = standardize(digits())
     if ctx.preset == "tiny":
         split = subset(split, 128, 64)
