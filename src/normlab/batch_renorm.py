@@ -137,12 +137,17 @@ def _(x, weight, bias, running_mean, running_var, r_max, d_max, eps):  # noqa: A
     return y, stat, stat.clone(), stat.clone(), stat.clone(), stat.clone(), stat.clone()
 
 
-def _renorm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+def _save_for_backward(ctx, inputs, output) -> None:  # noqa: ANN001
+    """What :func:`_renorm_backward` reads, from the inputs and outputs of :func:`_train_forward`."""
     x, weight, bias, *_, eps = inputs
     _, mean, sigma_b, _, r, d, w_eff = output
     ctx.save_for_backward(x, w_eff, mean, sigma_b, r, d)
     ctx.eps = eps
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+
+
+def _renorm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    _save_for_backward(ctx, inputs, output)
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -179,19 +184,14 @@ class _RenormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stash, *inputs):  # noqa: ANN001, ANN002, ANN205
         outputs = _train_forward(*inputs)
-        x, weight, bias, *_, eps = inputs
-        _, mean, sigma_b, sigma, r, d, w_eff = outputs
-        ctx.save_for_backward(x, w_eff, mean, sigma_b, r, d)
-        ctx.eps = eps
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        stash.extend((mean, sigma_b, sigma))
+        _save_for_backward(ctx, inputs, outputs)
+        stash.extend(outputs[1:4])  # mu_B, sigma_B, sigma
         return outputs[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):  # noqa: ANN001, ANN205
         return None, *_renorm_backward(ctx, grad_y, first=1)
-
 
 
 def _as_tensor(limit: Tensor | float, x: Tensor) -> Tensor:
