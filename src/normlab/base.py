@@ -105,9 +105,14 @@ def reduce_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
 
+def buffer_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype of statistics kept for a layer of ``dtype``: float32 for half/bfloat16."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
 def stat_dtype(x: Tensor) -> torch.dtype:
     """The dtype statistics are computed in: float32 for half/bfloat16 inputs."""
-    return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+    return buffer_dtype(x.dtype)
 
 
 def sync_group(module: nn.Module) -> Any | None:
@@ -312,7 +317,7 @@ class NormBase(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         if track_running_stats:
-            sdt = torch.float32 if dtype in LOW_PRECISION else dtype
+            sdt = buffer_dtype(dtype)
             self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=sdt))
             self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=sdt))
             self.register_buffer(
@@ -392,27 +397,12 @@ class NormBase(nn.Module):
         return sync_group(self)
 
     def step_factor(self) -> Tensor | float:
-        """Increment ``num_batches_tracked`` and return this step's averaging factor.
+        """Increment ``num_batches_tracked`` and return this step's averaging factor (:func:`step_factor`)."""
+        return step_factor(self)
 
-        ``momentum`` or, for ``momentum=None``, ``1 / num_batches_tracked`` (cumulative average).
-        Kept as a tensor so that ``torch.compile`` traces it without a graph break.
-        """
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            return 1.0 / self.num_batches_tracked.to(torch.float32)
-        return self.momentum
-
-    @torch.no_grad()
     def update_running_stats(self, mean: Tensor, var: Tensor, count: Tensor | float) -> None:
-        """Move ``running_mean`` towards ``mean`` and ``running_var`` towards the unbiased ``var``.
-
-        ``var`` is the biased batch variance over ``count`` samples; the running variance stores the
-        unbiased ``var * m / (m - 1)``, as torch does.
-        """
-        factor = self.step_factor()
-        unbiased = var * (count / (count - 1))
-        ema(self.running_mean, mean, factor)
-        ema(self.running_var, unbiased, factor)
+        """Move the running mean and (unbiased) variance towards the batch's (:func:`update_running_stats`)."""
+        update_running_stats(self, mean, var, count)
 
     # ----------------------------------------------------------------------------- statistics interface
     @torch.no_grad()
@@ -433,6 +423,31 @@ class NormBase(nn.Module):
     def inference_affine(self) -> tuple[Tensor, Tensor]:
         """``(A, b)`` such that eval-mode output is ``A * x + b`` per channel (``A`` is ``(C,)``)."""
         return _bn_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
+
+def step_factor(module: nn.Module) -> Tensor | float:
+    """Increment ``module.num_batches_tracked`` and return this step's averaging factor.
+
+    ``momentum`` or, for ``momentum=None``, ``1 / num_batches_tracked`` (cumulative average), as in
+    torch's BatchNorm. Kept as a tensor so that ``torch.compile`` traces it without a graph break.
+    """
+    module.num_batches_tracked.add_(1)
+    if module.momentum is None:
+        return 1.0 / module.num_batches_tracked.to(torch.float32)
+    return module.momentum
+
+
+@torch.no_grad()
+def update_running_stats(module: nn.Module, mean: Tensor, var: Tensor, count: Tensor | float) -> None:
+    """Move ``running_mean`` towards ``mean`` and ``running_var`` towards the unbiased ``var``.
+
+    ``var`` is the biased batch variance over ``count`` samples; the running variance stores the
+    unbiased ``var * m / (m - 1)``, as torch does. For any layer with BatchNorm's buffers and
+    ``momentum`` (normlab's and torch's).
+    """
+    factor = step_factor(module)
+    ema(module.running_mean, mean, factor)
+    ema(module.running_var, var * (count / (count - 1)), factor)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import channel_affine, channel_moments, check_input, ema, sync_group
+from .base import channel_affine, channel_moments, check_input, sync_group, update_running_stats
 from .registry import common_settings, register, transfer_state
 
 __all__ = ["BatchNorm"]
@@ -52,10 +52,7 @@ class BatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         mean, var, count = channel_moments(input, group, self)
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            ema(self.running_mean, mean, factor)
-            ema(self.running_var, var * (count / (count - 1)), factor)
+            update_running_stats(self, mean, var, count)
         return channel_affine(input, mean, torch.rsqrt(var + self.eps), self.weight, self.bias)
 
 

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import NormBase, channel_affine, channel_moments, global_sum, memory_format_of
+from .base import NormBase, buffer_dtype, channel_affine, channel_moments, global_sum, memory_format_of, stat_dtype
 from .fold import find_pairs
 from .registry import ConversionReport, build_normbase, register
 
@@ -162,7 +162,7 @@ def pooled_batch_norm(
     (without gradient; global over ``group`` when one is given).
     """
     if group is None:
-        sdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        sdt = stat_dtype(x)
         y, mean, var = _PooledNormFunction.apply(
             x, weight, bias, past_mean.detach().to(sdt), past_sqmean.detach().to(sdt), eps
         )
@@ -378,7 +378,7 @@ class CrossIterationBatchNorm(NormBase):
         object.__setattr__(self, "_producer", None)
         self._captured: tuple[Tensor, Tensor] | None = None
         self._warned_unpaired = False
-        sdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else (dtype or torch.get_default_dtype())
+        sdt = buffer_dtype(dtype) or torch.get_default_dtype()
         self.register_buffer("num_steps", torch.tensor(0, dtype=torch.long, device=device))
         self.register_buffer("window_count", torch.tensor(0, dtype=torch.long, device=device))
         for name in _WINDOW_FLOATS:

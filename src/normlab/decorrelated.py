@@ -77,7 +77,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Moments, NormBase, accumulation_dtype, check_global_count, ema, global_sum, stat_dtype
+from .base import (
+    Moments,
+    NormBase,
+    accumulation_dtype,
+    buffer_dtype,
+    check_global_count,
+    ema,
+    global_sum,
+    stat_dtype,
+)
 from .registry import common_settings, register, transfer_state
 
 __all__ = [
@@ -519,7 +528,7 @@ class DecorrelatedBatchNorm(NormBase):
         self.iterations = iterations
         self.num_groups, self.padded_group_size = group_layout(num_features, group_size)
         if track_running_stats:
-            sdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+            sdt = buffer_dtype(dtype)
             self.register_buffer("running_whitening", self._identity(device, sdt))
         else:
             self.register_buffer("running_whitening", None)

@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .base import stat_dtype
+
 __all__ = [
     "WeightNorm",
     "weight_norm",
@@ -340,7 +342,7 @@ def init_weight_norm(model: nn.Module, batch: Any, eps: float = 1e-6) -> list[st
             return None
         p = _wn_parametrization(module, "weight")
         axis = _unit_axis(module, p, out)
-        t = out.to(torch.float32) if out.dtype in (torch.float16, torch.bfloat16) else out
+        t = out.to(stat_dtype(out))
         dims = [d for d in range(t.dim()) if d != axis]
         if not dims or t.numel() // t.size(axis) < 2:
             raise ValueError(
