@@ -97,6 +97,44 @@ def test_matches_paper_reference(method, shape, group_size):
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["zca", "newton"])
+@pytest.mark.parametrize("shape,group_size", [((256, 48), 16), ((8, 32, 5, 3), 16), ((16, 20, 6), 8)])
+def test_float32_training_step_matches_float64_reference(method, shape, group_size):
+    # Many groups, spatial axes and a padded last group, in float32 (where the layout of the GEMMs
+    # decides the rounding), against the float64 reference.
+    x, w, b = inputs(shape, seed=5)
+    layer = normlab.DecorrelatedBatchNorm(shape[1], group_size=group_size, method=method, eps=1e-3)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    x32 = x.detach().float().requires_grad_(True)
+    y = layer(x32)
+    y_ref, _ = ref_dbn(x, w, b, group_size, method, 1e-3)
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
+    gy = torch.randn_like(y_ref)
+    got = torch.autograd.grad(y, (x32, layer.weight, layer.bias), gy.float())
+    want = torch.autograd.grad(y_ref, (x, w, b), gy)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e.float(), rtol=1e-3, atol=1e-3 * float(e.abs().max()))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_strided_input_and_gradient_without_affine(method):
+    # A channels-last input and the zero-stride gradient of y.sum(), with no gamma/beta.
+    x, _, _ = inputs((6, 8, 3, 4), seed=6)
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    layer = normlab.DecorrelatedBatchNorm(8, group_size=4, method=method, affine=False, eps=1e-3, dtype=D64)
+    y = layer(x_cl)
+    y_ref, _ = ref_dbn(x, None, None, 4, method, 1e-3)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    weights = torch.randn(8, dtype=D64).view(1, 8, 1, 1)
+    (got,) = torch.autograd.grad((y * weights).sum(), x_cl)
+    (want,) = torch.autograd.grad((y_ref * weights).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+    (got,) = torch.autograd.grad(layer(x_cl).sum(), x_cl)  # dL/dy = 1 everywhere: the gradient is zero
+    torch.testing.assert_close(got, torch.zeros_like(got), rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape,group_size", [((12, 6), 4), ((4, 5, 2, 3), 3)])
 def test_gradcheck(method, shape, group_size):

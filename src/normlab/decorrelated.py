@@ -56,11 +56,12 @@ coincide) the ``1/(l_j - l_i)`` terms of the eigenvector derivative are set to z
 below ``sqrt(machine eps) * l_max``. ``newton`` differentiates the matrix products (by hand, step by
 step, in the training step; by autograd elsewhere).
 
-The training step is one autograd Function, batched over groups: the forward makes the mean, the
-centring, the covariance GEMM and the whitening GEMM (``diag(gamma) W`` applied at once, ``beta``
-added in place); the backward the GEMM ``dL/dy Xc^T`` (which gives ``dL/dW`` and
-``dL/dgamma``), the sum of ``dL/dy`` and the input gradient
-``(diag(gamma) W)^T (dL/dy - mean(dL/dy)) + (G_S + G_S^T)/m Xc`` as two GEMMs accumulated in one buffer.
+The training step is one autograd Function, batched over groups, that keeps ``[Xc^T, 1]`` (the centred
+input, sample-major, with a column of ones) for the backward: the forward makes the mean, the centring,
+the covariance GEMM and the whitening GEMM ``[diag(gamma) W | beta] [Xc; 1]`` (affine included); the
+backward the GEMM ``dL/dy [Xc^T, 1]`` (``dL/dy Xc^T``, which gives ``dL/dW`` and ``dL/dgamma``, and the
+sum of ``dL/dy``) and the input gradient ``(diag(gamma) W)^T (dL/dy - mean(dL/dy)) + (G_S + G_S^T)/m Xc``
+as two GEMMs accumulated in one buffer, the mean term riding on the ones column.
 
 Distributed (``process_group`` set, see :func:`normlab.sync`): the count, per-channel sums and per-group
 sums of ``x x^T`` travel in one differentiable :func:`normlab.base.global_sum`, so the mean and the
@@ -155,16 +156,58 @@ def _apply(M: Tensor, v: Tensor) -> Tensor:
     return torch.matmul(M, v)
 
 
-def _apply_sum(M1: Tensor, v1: Tensor, M2: Tensor, v2: Tensor, const: Tensor) -> Tensor:
-    """Per group, ``M1 v1 + M2 v2 + const`` (const (G, g) per channel); same layout out."""
-    if v1.dim() == 3:
-        return _apply(M1, v1).add_(_apply(M2, v2)).add_(const)
-    # Two accumulating GEMMs into one buffer initialised with the constant: no temporaries.
-    n, G, g, L = v1.shape
-    init = const.view(1, G, g, 1).expand(n, G, g, 1).reshape(n * G, g, 1)
-    out = torch.baddbmm(init, M1.expand(n, G, g, g).reshape(n * G, g, g), v1.reshape(n * G, g, L))
-    out = out.baddbmm_(M2.expand(n, G, g, g).reshape(n * G, g, g), v2.reshape(n * G, g, L))
-    return out.view(n, G, g, L)
+# The training step keeps the centred input in a sample-major buffer with a column of ones appended to
+# each group: (N, G, g + 1) for 2-D input, (N, G, L, g + 1) otherwise, so that each group of each sample
+# is a row-major (samples x (g + 1)) matrix [Xc^T, 1]. BLAS is several times faster on Xc^T-shaped
+# operands (Xc Xc^T as a product of transposed row-major matrices, dL/dy Xc^T as a plain product) than
+# on the channel-major ones, and the ones column folds the per-channel constants into the GEMMs:
+# [A | b] [Xc; 1] is the whitening with its bias, and dL/dy [Xc^T, 1] gives dL/dy Xc^T and the sum of
+# dL/dy in one pass.
+def _centred(xv: Tensor, mean: Tensor) -> Tensor:
+    """The sample-major buffer ``[Xc^T, 1]`` of the grouped input ``xv`` (N, G, g[, L])."""
+    n, G, g = xv.shape[:3]
+    xa = xv.new_empty((n, G, g + 1) if xv.dim() == 3 else (n, G, xv.size(3), g + 1))
+    xa[..., g].fill_(1.0)  # a fill, not an indexed assignment: the strided copy of a scalar is slow
+    torch.sub(xv, _expand(mean, xv), out=xa[..., :g] if xv.dim() == 3 else xa[..., :g].mT)
+    return xa
+
+
+def _rows(xa: Tensor) -> Tensor:
+    """The buffer as a batch of (samples x (g + 1)) matrices: (G, N, g + 1) or (N * G, L, g + 1)."""
+    return xa.transpose(0, 1) if xa.dim() == 3 else xa.flatten(0, 1)
+
+
+def _cols(v: Tensor) -> Tensor:
+    """The grouped layout ``v`` as a batch of (g x samples) matrices, batched like :func:`_rows`."""
+    return v.transpose(0, 1).mT if v.dim() == 3 else v.flatten(0, 1)
+
+
+def _per_group(t: Tensor, xa: Tensor) -> Tensor:
+    """A product batched like :func:`_rows` summed over the samples' batch: (G, ...)."""
+    return t if xa.dim() == 3 else t.unflatten(0, xa.shape[:2]).sum(0)
+
+
+def _whiten(M: Tensor, xa: Tensor) -> Tensor:
+    """Per group, ``M_k [Xc; 1]`` for ``M`` (G, g, g + 1), batched like :func:`_rows`: (G, N, g) or (N * G, g, L).
+
+    For 2-D input the result is group-major (a GEMM writing each group's block into the (N, C) result
+    in place is several times slower than one contiguous GEMM and a transposing copy)."""
+    if xa.dim() == 4:
+        return torch.matmul(M, xa.mT).flatten(0, 1)
+    return torch.bmm(_rows(xa), M.mT)
+
+
+def _accumulate(out: Tensor, M: Tensor, v: Tensor) -> Tensor:
+    """``out += M_k v_k`` per group for ``out`` from :func:`_whiten` and ``v`` in the grouped layout."""
+    if v.dim() == 3:
+        return out.baddbmm_(v.transpose(0, 1), M.mT)
+    n, G, g, L = v.shape
+    return out.baddbmm_(M.expand(n, G, g, g).reshape(n * G, g, g), v.reshape(n * G, g, L))
+
+
+def _regrouped(out: Tensor, xa: Tensor) -> Tensor:
+    """A result of :func:`_whiten` in the grouped layout (N, G, g[, L]) of the input."""
+    return out.transpose(0, 1) if xa.dim() == 3 else out.unflatten(0, xa.shape[:2])
 
 
 def _pad_mask(num_features: int, G: int, g: int, like: Tensor) -> Tensor | None:
@@ -351,11 +394,11 @@ class _DBNFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, G, g, eps, method, iterations):  # noqa: ANN001, ANN205
         c = x.size(1)
         xv = _grouped(x.to(stat_dtype(x)), G, g)
-        dims = _sample_dims(xv)
         m = xv.numel() // (G * g)
-        mean = xv.mean(dims)
-        xc = xv - _expand(mean, xv)
-        cov = _gram(xc, xc) / m
+        mean = xv.mean(_sample_dims(xv))
+        xa = _centred(xv, mean)
+        rows = _rows(xa)[..., :g]
+        cov = _per_group(torch.bmm(rows.mT, rows), xa) / m
         mask = _pad_mask(c, G, g, cov)
         sigma = _regularized(cov, eps, mask, method)
         if method == "newton":
@@ -366,10 +409,9 @@ class _DBNFunction(torch.autograd.Function):
             saved = (D, s)
         gamma = None if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0)
         A = W if gamma is None else gamma.unsqueeze(-1) * W
-        y = _apply(A, xc)
-        if bias is not None:
-            y = y.add_(_expand(_pad_vector(bias.to(W.dtype), G, g, 0.0), y))
-        ctx.save_for_backward(xc, W, gamma, *saved)
+        beta = W.new_zeros(G, g) if bias is None else _pad_vector(bias.to(W.dtype), G, g, 0.0)
+        y = _regrouped(_whiten(torch.cat([A, beta.unsqueeze(-1)], -1), xa), xa)
+        ctx.save_for_backward(xa, W, gamma, *saved)
         ctx.setup = (x.shape, x.dtype, m, mask, method, iterations, _dtype(weight), _dtype(bias))
         out = (_ungrouped(y, x.shape).to(x.dtype), mean.reshape(-1)[:c], cov, W)
         ctx.mark_non_differentiable(*out[1:])
@@ -378,13 +420,14 @@ class _DBNFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, _gm, _gc, _gw):  # noqa: ANN001, ANN205
-        xc, W, gamma, *saved = ctx.saved_tensors
+        xa, W, gamma, *saved = ctx.saved_tensors
         shape, dtype, m, mask, method, iterations, w_dtype, b_dtype = ctx.setup
         G, g = W.shape[:2]
         c = shape[1]
         gv = _grouped(gy.to(W.dtype), G, g)
-        P = _gram(gv, xc)  # sum over samples of dL/dy Xc^T
-        gsum = gv.sum(_sample_dims(gv))
+        # [dL/dy Xc^T, dL/dy 1] per group in one GEMM.
+        Pa = _per_group(torch.bmm(_cols(gv), _rows(xa)), xa)
+        P, gsum = Pa[..., :g], Pa[..., g]
         g_weight = (P * W).sum(-1).reshape(-1)[:c].to(w_dtype) if ctx.needs_input_grad[1] else None
         g_bias = gsum.reshape(-1)[:c].to(b_dtype) if ctx.needs_input_grad[2] else None
         if not ctx.needs_input_grad[0]:
@@ -399,11 +442,10 @@ class _DBNFunction(torch.autograd.Function):
         if mask is not None:
             g_sigma = g_sigma * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
         # d/dXc of W Xc and of Xc Xc^T / m; the mean's backward subtracts the mean gradient,
-        # which is A^T mean(dL/dy) because Xc sums to zero.
-        shift = -torch.einsum("gji,gj->gi", A, gsum / m)
-        g_sym = (g_sigma + g_sigma.mT) / m
-        gx = _apply_sum(A.mT, gv, g_sym, xc, shift)
-        gx = _ungrouped(gx, shape).to(dtype)
+        # which is A^T mean(dL/dy) because Xc sums to zero: one GEMM over [Xc; 1], one over dL/dy.
+        shift = -(A.mT @ gsum.unsqueeze(-1)) / m
+        gx = _whiten(torch.cat([(g_sigma + g_sigma.mT) / m, shift], -1), xa)
+        gx = _ungrouped(_regrouped(_accumulate(gx, A.mT, gv), xa), shape).to(dtype)
         return gx, g_weight, g_bias, None, None, None, None, None
 
 
