@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import normlab
-from normlab.base import Moments, batch_moments, channel_moments, check_input, inference_affine, load_statistics
+import normlab.base as base
+from normlab.base import (
+    Moments,
+    batch_moments,
+    channel_moments,
+    channel_stats,
+    check_input,
+    inference_affine,
+    load_statistics,
+)
 
 
 @pytest.mark.parametrize("shape", [(7, 3), (5, 3, 4), (2, 3, 4, 5), (2, 3, 2, 3, 2)])
@@ -18,6 +29,65 @@ def test_channel_moments_match_definition(shape):
     torch.testing.assert_close(mean, flat.mean(1))
     torch.testing.assert_close(var, flat.var(1, unbiased=False))
     assert int(count) == flat.shape[1]
+
+
+def _reference_stats(x):
+    flat = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    return flat.mean(1), flat.var(1, unbiased=False)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 21, 64, 300])  # one chunk; one sample a chunk; uneven chunks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_scratch", [False, True])
+def test_channel_stats_two_pass_path_matches_definition(monkeypatch, chunk_bytes, dtype, with_scratch):
+    monkeypatch.setattr(base, "_CHUNK_BYTES", chunk_bytes)
+    # Far from zero, so that a one-pass sum of squares would have lost the variance.
+    x = torch.randn(7, 3, 4, 5, dtype=dtype) * 0.5 + 1000
+    assert base.two_pass_stats(x)
+    mean, var = channel_stats(x, torch.empty_like(x) if with_scratch else None)
+    ref_mean, ref_var = _reference_stats(x)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0)
+    assert mean.dtype == dtype and var.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(6, 3),  # 2-D
+        lambda: torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last),
+        lambda: torch.randn(4, 3, 1, 1),  # no spatial extent
+        lambda: torch.randn(4, 6, 5, 5)[:, ::2],  # not contiguous
+        lambda: torch.randn(4, 3, 5, 5).to(torch.bfloat16),  # float32 statistics
+    ],
+)
+def test_channel_stats_other_layouts(make):
+    x = make()
+    assert not base.two_pass_stats(x)
+    mean, var = channel_stats(x)
+    ref_mean, ref_var = _reference_stats(x.float())
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    c=st.integers(1, 4),
+    spatial=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    chunk_bytes=st.integers(4, 2000),
+    scale=st.sampled_from([0.0, 1e-3, 1.0, 1e3]),
+)
+def test_channel_stats_property(n, c, spatial, chunk_bytes, scale):
+    x = torch.randn(n, c, *spatial, dtype=torch.float64) * scale + 3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(base, "_CHUNK_BYTES", chunk_bytes)
+        mean, var = channel_stats(x)
+    ref_mean, ref_var = _reference_stats(x)
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, ref_var, rtol=1e-9, atol=1e-12)
+    assert (var >= 0).all()
 
 
 def test_channel_moments_low_precision_in_float32():

@@ -30,6 +30,7 @@ step count (``num_batches_tracked``, a tensor) that returns a tensor or float.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import NormBase, channel_affine, channel_moments, memory_format_of
+from .base import (
+    NormBase,
+    channel_affine,
+    channel_moments,
+    channel_stats,
+    check_input,
+    constant,
+    memory_format_of,
+    two_pass_stats,
+)
 from .registry import build_normbase, register
 
 __all__ = ["BatchRenorm", "Ramp", "paper_schedule", "batch_renorm"]
@@ -76,18 +86,34 @@ def paper_schedule(scale: float = 1.0) -> dict[str, Ramp]:
     }
 
 
+def _as_tensor(limit: Tensor | float, x: Tensor) -> Tensor:
+    return limit if isinstance(limit, Tensor) else torch.tensor(float(limit), device=x.device)
+
+
+def _bounds(r_max: Tensor | float, d_max: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(1/r_max, r_max, -d_max, d_max)`` as 0-d tensors on ``like``'s device."""
+    if isinstance(r_max, Tensor) or isinstance(d_max, Tensor):
+        r_max, d_max = (t if isinstance(t, Tensor) else like.new_tensor(float(t)) for t in (r_max, d_max))
+        return r_max.reciprocal(), r_max, d_max.neg(), d_max
+    return _fixed_bounds(float(r_max), float(d_max), like.device, like.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _fixed_bounds(r_max: float, d_max: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    return tuple(constant(v, device, dtype) for v in (1 / r_max, r_max, -d_max, d_max))
+
+
 def renorm_corrections(
-    mean: Tensor,
-    sigma_b: Tensor,
-    running_mean: Tensor,
-    sigma: Tensor,
-    r_max: Tensor | float,
-    d_max: Tensor | float,
+    mean: Tensor, sigma_b: Tensor, running_mean: Tensor, sigma: Tensor, bounds: tuple[Tensor, ...]
 ) -> tuple[Tensor, Tensor]:
-    """The paper's ``r = clip(sigma_B / sigma)`` and ``d = clip((mu_B - mu) / sigma)``, without gradient."""
+    """The paper's ``r = clip(sigma_B / sigma)`` and ``d = clip((mu_B - mu) / sigma)``, without gradient.
+
+    ``bounds`` is ``(1/r_max, r_max, -d_max, d_max)``.
+    """
+    r_lo, r_hi, d_lo, d_hi = bounds
     # Detached inputs rather than a no_grad block: the same result with fewer dispatches.
-    r = torch.div(sigma_b.detach(), sigma.detach()).clamp_(1 / r_max, r_max)
-    d = torch.sub(mean.detach(), running_mean).div_(sigma.detach()).clamp_(-d_max, d_max)
+    r = torch.div(sigma_b.detach(), sigma).clamp_(r_lo, r_hi)
+    d = torch.sub(mean.detach(), running_mean).div_(sigma).clamp_(d_lo, d_hi)
     return r, d
 
 
@@ -98,28 +124,58 @@ def _folded_affine(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Ten
     return weight * r, weight * d if bias is None else torch.addcmul(bias, weight, d)
 
 
+def _move_running(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    sigma: Tensor,
+    sigma_b: Tensor,
+    factor: Tensor | float,
+    neg_eps: Tensor,
+) -> None:
+    """Without grad mode: ``mu`` and ``sigma`` move towards ``mu_B`` and ``sigma_B`` at rate ``factor``
+    (the paper moves sigma, not the variance); ``running_var`` stores ``sigma^2 + neg_eps``. Overwrites
+    ``sigma``."""
+    running_mean.lerp_(mean, factor)
+    sigma.lerp_(sigma_b, factor)
+    # Never below 0: both sigmas are >= sqrt(eps), but rounding may take a few ulps off.
+    torch.addcmul(neg_eps, sigma, sigma, out=running_var).clamp_min_(0)
+
+
+def _unused(like: Tensor) -> Tensor:
+    # The inference kernel's (empty) saved statistics.
+    return like.new_empty(0)
+
+
 def _train_forward(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     running_mean: Tensor,
     running_var: Tensor,
-    r_max: Tensor,
-    d_max: Tensor,
+    r_lo: Tensor,
+    r_hi: Tensor,
+    d_lo: Tensor,
+    d_hi: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, mu_B, sigma_B, sigma, r, d, gamma r)`` of one training step (no running update)."""
-    # The native statistics pass (mean and biased variance; float32 for half inputs), then the
+    # The statistics (mean and biased variance; float32 for half inputs), then the
     # native inference kernel with the batch statistics and the folded affine (gamma r, gamma d + beta).
     # Few small ops: at small shapes their dispatch costs as much as the kernels.
-    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    y = torch.empty_like(x) if two_pass_stats(x) else None  # first the statistics' scratch, then the output
+    mean, var = channel_stats(x, scratch=y)
     if mean.dtype != running_mean.dtype:
         mean, var = mean.to(running_mean.dtype), var.to(running_mean.dtype)
-    sigma_b = torch.add(var, eps).sqrt_()
-    sigma = torch.add(running_var, eps).sqrt_()
-    r, d = renorm_corrections(mean, sigma_b, running_mean, sigma, r_max, d_max)
+    eps_t = constant(eps, running_var.device, running_var.dtype)
+    sigma_b = torch.add(var, eps_t).sqrt_()
+    sigma = torch.add(running_var, eps_t).sqrt_()
+    r, d = renorm_corrections(mean, sigma_b, running_mean, sigma, (r_lo, r_hi, d_lo, d_hi))
     w_eff, b_eff = _folded_affine(weight, bias, r, d)
-    y = torch.batch_norm(x, w_eff, b_eff, mean, var, False, 0.0, eps, False)
+    if y is None:
+        y = torch.batch_norm(x, w_eff, b_eff, mean, var, False, 0.0, eps, False)
+    else:
+        torch.native_batch_norm(x, w_eff, b_eff, mean, var, False, 0.0, eps, out=(y, _unused(mean), _unused(mean)))
     return y, mean, sigma_b, sigma, r, d, w_eff.clone() if w_eff is r else w_eff
 
 
@@ -131,15 +187,14 @@ _renorm_train = torch.library.custom_op("normlab::batch_renorm_train", _train_fo
 
 
 @_renorm_train.register_fake
-def _(x, weight, bias, running_mean, running_var, r_max, d_max, eps):  # noqa: ANN001, ANN202
+def _(x, weight, bias, running_mean, running_var, r_lo, r_hi, d_lo, d_hi, eps):  # noqa: ANN001, ANN202
     stat = running_mean.new_empty(running_mean.shape)
     y = torch.empty_like(x)
     return y, stat, stat.clone(), stat.clone(), stat.clone(), stat.clone(), stat.clone()
 
 
-def _save_for_backward(ctx, inputs, output) -> None:  # noqa: ANN001
+def _save_for_backward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, output) -> None:  # noqa: ANN001
     """What :func:`_renorm_backward` reads, from the inputs and outputs of :func:`_train_forward`."""
-    x, weight, bias, *_, eps = inputs
     _, mean, sigma_b, _, r, d, w_eff = output
     ctx.save_for_backward(x, w_eff, mean, sigma_b, r, d)
     ctx.eps = eps
@@ -147,14 +202,15 @@ def _save_for_backward(ctx, inputs, output) -> None:  # noqa: ANN001
 
 
 def _renorm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    _save_for_backward(ctx, inputs, output)
+    x, weight, bias, *_, eps = inputs
+    _save_for_backward(ctx, x, weight, bias, eps, output)
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _renorm_backward(ctx, grad_y, *_, first: int = 0):  # noqa: ANN001, ANN202
-    """Gradients of ``x``, ``weight``, ``bias`` (inputs ``first`` to ``first + 2``), then ``None``s."""
+def _renorm_backward(ctx, grad_y: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+    """Gradients of ``x``, ``weight``, ``bias``, then ``None``s for the other inputs."""
     x, w_eff, mean, sigma_b, r, d = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[first : first + 3]
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
     # Gradients of batch normalization with weight gamma r, through mu_B and sigma_B, with r and
     # d constant, as the paper prescribes; then dL/dgamma = r dL/d(gamma r) + d dL/d(gamma d + beta).
     gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
@@ -171,7 +227,7 @@ def _renorm_backward(ctx, grad_y, *_, first: int = 0):  # noqa: ANN001, ANN202
     )
     g_weight = torch.addcmul(gb * d, gw, r) if (need_w and ctx.has_weight) else None
     g_bias = gb if (need_b and ctx.has_bias) else None
-    return gx if need_x else None, g_weight, g_bias, None, None, None, None, None
+    return gx if need_x else None, g_weight, g_bias, None, None, None, None, None, None, None
 
 
 _renorm_train.register_autograd(_renorm_backward, setup_context=_renorm_setup)
@@ -179,23 +235,30 @@ _renorm_train.register_autograd(_renorm_backward, setup_context=_renorm_setup)
 
 class _RenormFunction(torch.autograd.Function):
     # Tuned for dispatch overhead, which at small shapes costs as much as the kernels: forward(ctx,
-    # ...) rather than a separate setup_context (apply() then binds no signature), and the
-    # statistics handed back through ``stash`` rather than as extra autograd outputs.
+    # ...) rather than a separate setup_context (apply() then binds no signature), the tensors that
+    # take no gradient packed in one tuple argument (apply() inspects every argument), and the
+    # running update done here, where grad mode is already off.
     @staticmethod
-    def forward(ctx, stash, *inputs):  # noqa: ANN001, ANN002, ANN205
-        outputs = _train_forward(*inputs)
-        _save_for_backward(ctx, inputs, outputs)
-        stash.extend(outputs[1:4])  # mu_B, sigma_B, sigma
+    def forward(ctx, x, weight, bias, rest):  # noqa: ANN001, ANN205
+        running_mean, running_var, bounds, eps, factor = rest
+        outputs = _train_forward(x, weight, bias, running_mean, running_var, *bounds, eps)
+        _save_for_backward(ctx, x, weight, bias, eps, outputs)
+        if factor is not None:
+            _, mean, sigma_b, sigma = outputs[:4]
+            neg_eps = constant(-eps, running_var.device, running_var.dtype)
+            _move_running(running_mean, running_var, mean, sigma, sigma_b, factor, neg_eps)
         return outputs[0]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):  # noqa: ANN001, ANN205
-        return None, *_renorm_backward(ctx, grad_y, first=1)
+        if torch.is_grad_enabled():  # create_graph=True: this backward has no derivative of its own
+            return _backward_once(ctx, grad_y)
+        return _renorm_backward(ctx, grad_y)[:4]
 
 
-def _as_tensor(limit: Tensor | float, x: Tensor) -> Tensor:
-    return limit if isinstance(limit, Tensor) else torch.tensor(float(limit), device=x.device)
+@torch.autograd.function.once_differentiable
+def _backward_once(ctx, grad_y):  # noqa: ANN001, ANN202
+    return _renorm_backward(ctx, grad_y)[:4]
 
 
 def batch_renorm(
@@ -217,30 +280,26 @@ def batch_renorm(
     towards ``mu_B`` and ``sigma_B`` at that rate). With a process ``group`` the batch statistics
     are those of the global batch over the group.
     """
+    if group is None and not torch.compiler.is_compiling():
+        bounds = _bounds(r_max, d_max, running_mean)
+        return _RenormFunction.apply(x, weight, bias, (running_mean, running_var, bounds, eps, momentum))
     if group is None:
-        if torch.compiler.is_compiling():
-            outputs = _renorm_train(
-                x, weight, bias, running_mean, running_var, _as_tensor(r_max, x), _as_tensor(d_max, x), eps
-            )
-        else:
-            stash: list[Tensor] = []
-            y = _RenormFunction.apply(stash, x, weight, bias, running_mean, running_var, r_max, d_max, eps)
-            outputs = (y, *stash)
-        y, mean, sigma_b, sigma = outputs[:4]
+        r_lo, r_hi, d_lo, d_hi = _bounds(_as_tensor(r_max, x), _as_tensor(d_max, x), running_mean)
+        y, mean, sigma_b, sigma = _renorm_train(
+            x, weight, bias, running_mean, running_var, r_lo, r_hi, d_lo, d_hi, eps
+        )[:4]
     else:
         mean, var, _ = channel_moments(x, group, "BatchRenorm")
         sigma_b = torch.sqrt(var + eps)
         with torch.no_grad():
             sigma = torch.sqrt(running_var + eps)
-        r, d = renorm_corrections(mean, sigma_b, running_mean, sigma, r_max, d_max)
+        r, d = renorm_corrections(mean, sigma_b, running_mean, sigma, _bounds(r_max, d_max, running_mean))
         w_eff, b_eff = _folded_affine(weight, bias, r, d)
         y = channel_affine(x, mean, 1 / sigma_b, w_eff, b_eff)
     if momentum is not None:
         with torch.no_grad():
-            # The paper moves sigma, not the variance; running_var stores sigma^2 - eps.
-            running_mean.lerp_(mean.detach(), momentum)
-            sigma.lerp_(sigma_b.detach(), momentum)
-            torch.square(sigma, out=running_var).sub_(eps).clamp_min_(0)
+            neg_eps = running_var.new_full((), -eps)
+            _move_running(running_mean, running_var, mean.detach(), sigma, sigma_b.detach(), momentum, neg_eps)
     return y
 
 
@@ -291,30 +350,27 @@ class BatchRenorm(NormBase):
 
     def limits(self) -> tuple[Tensor | float, Tensor | float]:
         """This step's ``(r_max, d_max)``: the schedule at ``num_batches_tracked`` steps done."""
-        step = self.num_batches_tracked
-        r_max = self.r_max(step) if callable(self.r_max) else self.r_max
-        d_max = self.d_max(step) if callable(self.d_max) else self.d_max
+        r_max, d_max = self.r_max, self.d_max
+        if callable(r_max):
+            r_max = r_max(self.num_batches_tracked)
+        if callable(d_max):
+            d_max = d_max(self.num_batches_tracked)
         return r_max, d_max
 
     def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        if not self.use_batch_stats():
+        # The running statistics are always tracked: the batch's are used exactly when they move.
+        training = self.updates_running_stats()
+        group = self.sync_group() if training else None
+        check_input(self, x, self.num_features, training and group is None)
+        if not training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         r_max, d_max = self.limits()
-        factor = self.step_factor() if self.updates_running_stats() else None
+        factor = self.step_factor()
+        running_mean = self.running_mean
         if isinstance(factor, Tensor):
-            factor = factor.to(self.running_mean.dtype)
+            factor = factor.to(running_mean.dtype)
         return batch_renorm(
-            x,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            r_max,
-            d_max,
-            self.eps,
-            factor,
-            self.sync_group(),
+            x, running_mean, self.running_var, self.weight, self.bias, r_max, d_max, self.eps, factor, group
         )
 
 
