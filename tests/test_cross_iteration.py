@@ -21,7 +21,7 @@ from torch import nn
 
 import normlab
 from normlab import CrossIterationBatchNorm
-from normlab.cross_iteration import pooled_batch_norm, producer_derivatives
+from normlab.cross_iteration import compensate, pooled_batch_norm, producer_derivatives
 
 DT = torch.float64
 EPS = 1e-5
@@ -163,6 +163,45 @@ def test_compensated_sqmean_error_is_quadratic():
     assert 3.9 < errors[0] / errors[1] < 4.1 and 3.9 < errors[1] / errors[2] < 4.1
     assert 1.7 < naive[0] / naive[1] < 2.3  # uncompensated: first-order error
     assert errors[2] < 0.05 * naive[2]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_compensate_is_the_taylor_step(with_bias):
+    """compensate() against the step per slot: mu + dmu/dW . dW (+ db), nu + dnu/dW . dW (+ 2 mu db)."""
+    torch.manual_seed(0)
+    n, groups, c, fan_in = 3, 2, 6, 5
+    mean, sqmean = torch.randn(n, c, dtype=DT), torch.rand(n, c, dtype=DT) + 1
+    dmean, dsqmean = torch.randn(n, groups, fan_in, dtype=DT), torch.randn(n, c, fan_in, dtype=DT)
+    old_weight, weight = torch.randn(n, c, fan_in, dtype=DT), torch.randn(c, fan_in // 5, 5, dtype=DT)
+    old_bias = torch.randn(n, c, dtype=DT) if with_bias else None
+    bias = torch.randn(c, dtype=DT) if with_bias else None
+    got_mean, got_sqmean = compensate(mean, sqmean, dmean, dsqmean, old_weight, weight, old_bias, bias)
+    for j in range(n):
+        delta = weight.reshape(c, -1) - old_weight[j]
+        dmu_per_channel = dmean[j].repeat_interleave(c // groups, 0)  # channel c uses its group's d mu
+        ref_mean = mean[j] + (dmu_per_channel * delta).sum(1)
+        ref_sqmean = sqmean[j] + (dsqmean[j] * delta).sum(1)
+        if with_bias:
+            ref_mean = ref_mean + (bias - old_bias[j])
+            ref_sqmean = ref_sqmean + 2 * mean[j] * (bias - old_bias[j])
+        torch.testing.assert_close(got_mean[j], ref_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_sqmean[j], ref_sqmean, rtol=1e-12, atol=1e-12)
+
+
+def test_window_intercepts_are_rebuilt_on_load_and_not_saved():
+    """The cached part of the Taylor step is derived state: a loaded copy compensates exactly as the source."""
+    producer, layer, shape = make_pair("conv2d_groups_stride_dilation", window=4, seed=2)
+    for _ in range(5):  # wrapped around the ring
+        layer(producer(torch.randn(shape, dtype=DT)))
+        perturb(producer)
+    state = layer.state_dict()
+    assert not any("intercept" in key for key in state)
+    copy_producer, copy_layer, _ = make_pair("conv2d_groups_stride_dilation", window=4, seed=5)
+    copy_producer.load_state_dict(producer.state_dict())
+    copy_layer.load_state_dict(state)
+    for a, b in zip(layer.past_statistics(), copy_layer.past_statistics()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert layer.half().window_intercept.dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------ forward / backward

@@ -20,8 +20,11 @@ BatchNorm meaning (eval is ``F.batch_norm`` with it) and BatchNorm checkpoints i
 
 Speed: ``y = (x - mu_B) / sigma_B * (gamma r) + (gamma d + beta)`` is batch normalization with the
 weight ``gamma r`` and bias ``gamma d + beta``, so the backward is torch's native batch-norm
-backward kernel; the forward computes the statistics once and applies one fused multiply-add.
-The gradient to gamma is ``r * dL/d(gamma r) + d * dL/d(gamma d + beta)``.
+backward kernel; the forward computes the statistics once (:func:`normlab.base.channel_stats`)
+and applies torch's inference kernel with the folded affine. The gradient to gamma is
+``r * dL/d(gamma r) + d * dL/d(gamma d + beta)``. The per-channel work (r, d, the folded affine, the
+moving statistics) is a few small ops on cached constants, since at small shapes their dispatch
+costs as much as the kernels.
 
 The paper's schedule (r_max = 1, d_max = 0 for 5k steps, then linear to r_max = 3 at 40k and
 d_max = 5 at 25k steps) is :func:`paper_schedule`; ``r_max``/``d_max`` accept any callable of the

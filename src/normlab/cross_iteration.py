@@ -30,30 +30,43 @@ convolution, groups allowed, or a linear layer), ``mu_c`` depends on ``W_c`` alo
     d nu_c / d W_c = (2/m) sum_i y_ic p_i       (a weight gradient with grad_output 2 y / m)
     d mu_c / d b_c = 1,   d nu_c / d b_c = 2 mu_c
 
-The first is a sum of strided slices of the batch-summed input (one per kernel offset), the second
-one weight-gradient call (``aten.convolution_backward``, or a matmul for a linear layer); no
-autograd graph is built or kept. A producer bias is compensated as well (it shifts ``mu`` and
-``nu``) with the bias terms above, so of it only the bias itself is stored. ``max(nu, mu^2)`` is the
-paper's rule (its public code instead drops window entries whose compensated variance is negative).
+Both are weight gradients of the producer (``aten.convolution_backward`` with only the weight
+mask, or a matmul for a linear layer): the first for ``grad_output = 1`` on the batch-summed input
+(tiny), the second for ``grad_output = y`` (the one sizeable extra cost per step, about that of the
+producer's forward); no autograd graph is built or kept. A producer bias is compensated as well
+(it shifts ``mu`` and ``nu``) with the bias terms above, so of it only the bias itself is stored.
+``max(nu, mu^2)`` is the paper's rule (its public code instead drops window entries whose
+compensated variance is negative).
 
 Because ``mu`` is linear in ``theta`` the compensated mean is exact; the compensated mean square is
-exact to first order (its error is quadratic in the weight change).
+exact to first order (its error is quadratic in the weight change). The Taylor step is evaluated
+as ``(mu - d mu/d theta . theta_{t-tau}) + d mu/d theta . theta_t`` (likewise for ``nu``): the
+bracket is fixed once the iteration is stored, so each step costs one matmul per statistic over
+the whole window.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
 import weakref
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import NormBase, buffer_dtype, channel_affine, channel_moments, global_sum, memory_format_of, stat_dtype
+from .base import (
+    NormBase,
+    buffer_dtype,
+    channel_affine,
+    channel_moments,
+    channel_stats,
+    global_sum,
+    memory_format_of,
+    stat_dtype,
+    two_pass_stats,
+)
 from .fold import find_pairs
 from .registry import ConversionReport, build_normbase, register
 
@@ -63,6 +76,8 @@ PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # The state that BatchNorm checkpoints lack; loading one resets it (see _load_from_state_dict).
 _WINDOW_FLOATS = ("window_mean", "window_sqmean", "window_weight", "window_bias", "window_dmean", "window_dsqmean")
 _WINDOW_STATE = ("num_steps", "window_count", *_WINDOW_FLOATS)
+# Derived from the window (not saved): each slot's Taylor-step intercepts, see _intercepts.
+_INTERCEPT = "window_intercept"
 
 
 # ----------------------------------------------------------------------------------- functional core
@@ -74,10 +89,10 @@ def _pool(
     past_sqmean = past_sqmean.detach().to(mean.dtype)
     n = past_mean.size(0) + 1
     # max(nu, mu^2): a compensated nu may fall below mu^2; the current nu_t = var + mu^2 never does.
-    past_sqmean = torch.maximum(past_sqmean, past_mean * past_mean)
+    past_sqmean = torch.maximum(past_sqmean, past_mean.square())
     mean_bar = (mean + past_mean.sum(0)) / n
-    sqmean_bar = (var + mean * mean + past_sqmean.sum(0)) / n
-    return mean_bar, (sqmean_bar - mean_bar * mean_bar).clamp_min(0)
+    sqmean_bar = (torch.addcmul(var, mean, mean) + past_sqmean.sum(0)) / n
+    return mean_bar, torch.addcmul(sqmean_bar, mean_bar, mean_bar, value=-1).clamp_min(0)
 
 
 class _PooledNormFunction(torch.autograd.Function):
@@ -97,13 +112,18 @@ class _PooledNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, past_mean, past_sqmean, eps):  # noqa: ANN001, ANN205
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        y = torch.empty_like(x) if two_pass_stats(x) else None  # first the statistics' scratch, then the output
+        mean, var = channel_stats(x, scratch=y)
         mean, var = mean.to(past_mean.dtype), var.to(past_mean.dtype)
         mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean)
         # Parameters in the statistics dtype: the CPU kernels take half inputs with float32 parameters.
         gamma = None if weight is None else weight.to(mean.dtype)
         beta = None if bias is None else bias.to(mean.dtype)
-        y = torch.batch_norm(x, gamma, beta, mean_bar, var_bar, False, 0.0, eps, False)
+        if y is None:
+            y = torch.batch_norm(x, gamma, beta, mean_bar, var_bar, False, 0.0, eps, False)
+        else:  # the inference kernel with the pooled statistics; its saved statistics are empty
+            unused = mean.new_empty(0)
+            torch.native_batch_norm(x, gamma, beta, mean_bar, var_bar, False, 0.0, eps, out=(y, unused, unused.clone()))
         invstd = torch.rsqrt(var_bar + eps)
         n = past_mean.size(0) + 1
         ctx.save_for_backward(x, gamma, mean_bar, invstd)
@@ -184,41 +204,25 @@ def _flat_patch_args(producer: nn.Module, inp: Tensor) -> tuple[Tensor, list[int
     return inp, list(padding)
 
 
-def _patch_sum(
-    x: Tensor, kernel: Sequence[int], out_size: Sequence[int], stride: list[int], padding: list[int],
-    dilation: list[int],
-) -> Tensor:
-    """``sum_positions patch`` of ``x`` ``(C, *spatial)``: ``(C, *kernel)``, one strided slice per kernel offset."""
-    pad = [p for p in reversed(padding) for _ in range(2)]
-    x = F.pad(x, pad) if any(pad) else x
-    dims = list(range(1, x.dim()))
-    sums = []
-    for offset in itertools.product(*(range(k) for k in kernel)):
-        index = [slice(None)] + [
-            slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in zip(offset, dilation, stride, out_size)
-        ]
-        sums.append(x[tuple(index)].sum(dims))
-    return torch.stack(sums, 1).reshape(x.size(0), *kernel)
-
-
 @torch.no_grad()
 def _derivative_sums(producer: nn.Module, inp: Tensor, out: Tensor, group: Any | None) -> tuple[Tensor, Tensor]:
     """``sum_i p_i`` per group and ``sum_i y_ic p_i`` per channel (see :func:`producer_derivatives`)."""
-    w = producer.weight
+    w = producer.weight.detach()
     if isinstance(producer, nn.Linear):
         dsq = out.t().mm(inp)
         dmu = inp.sum(0, keepdim=True)
     else:
         inp, padding = _flat_patch_args(producer, inp)
-        stride, dilation, groups = list(producer.stride), list(producer.dilation), producer.groups
-        # d nu: the weight gradient of the producer for grad_output = y (times 2/m below).
-        dsq = torch.ops.aten.convolution_backward(
-            out, inp, out.new_empty(1).expand(w.shape), None, stride, padding, dilation,
-            False, [0], groups, (False, True, False),
-        )[1]
-        # d mu: the sum of the input patches over the batch and the output positions.
-        dmu = _patch_sum(inp.sum(0), w.shape[2:], out.shape[2:], stride, padding, dilation)
-        dmu = dmu.reshape(groups, inp.size(1) // groups, *w.shape[2:])
+        groups = producer.groups
+        args = (list(producer.stride), padding, list(producer.dilation), False, [0], groups, (False, True, False))
+        # d nu: the weight gradient of the producer for grad_output = y (times 2/m in the store). The
+        # real weight, though its values are unused: a stand-in would be copied to a dense one.
+        dsq = torch.ops.aten.convolution_backward(out, inp, w.to(inp.dtype), None, *args)[1]
+        # d mu: the sum of the input patches, the weight gradient for grad_output = 1 with one output
+        # channel per group, on the batch-summed input.
+        ones = out.new_ones(()).expand(1, groups, *out.shape[2:])
+        stand_in = inp.new_empty((groups, *w.shape[1:]))
+        dmu = torch.ops.aten.convolution_backward(ones, inp.sum(0, keepdim=True), stand_in, None, *args)[1]
     dmu, dsq = global_sum([dmu, dsq], group)
     return dmu, dsq
 
@@ -239,6 +243,58 @@ def producer_derivatives(
     return dmu / count, dsq * (2 / count)
 
 
+def _weight_terms(weight: Tensor, dmean: Tensor, dsqmean: Tensor) -> tuple[Tensor, Tensor]:
+    """``d mu / d W . W`` and ``d nu / d W . W`` per slot and channel, ``(n, C)`` each.
+
+    ``weight`` is ``W`` as ``(C, F)``, the same for all slots, ``dmean`` is ``(n, groups, F)`` and
+    ``dsqmean`` ``(n, C, F)``. One batched matmul each, over the whole window.
+    """
+    n, groups, fan_in = dmean.shape
+    c = dsqmean.size(1)
+    weight = weight.to(dmean.dtype)
+    if groups == 1:
+        d_mu = dmean.view(n, fan_in).mm(weight.t())
+    else:  # (groups, C/groups, F) @ (groups, F, n), back to (n, C)
+        d_mu = torch.matmul(weight.view(groups, c // groups, fan_in), dmean.permute(1, 2, 0))
+        d_mu = d_mu.permute(2, 0, 1).reshape(n, c)
+    # Channel c of every slot against W_c: a (n, F) @ (F, 1) per channel.
+    return d_mu, torch.bmm(dsqmean.transpose(0, 1), weight.unsqueeze(-1)).view(c, n).t()
+
+
+def _intercepts(
+    mean: Tensor, sqmean: Tensor, dmean: Tensor, dsqmean: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The part of the Taylor step that does not involve the current weights.
+
+    ``mu - d mu / d W . W_old - b_old`` and ``nu - d nu / d W . W_old - 2 mu b_old`` for stored
+    statistics ``(n, C)`` whose producer had the weights ``weight`` ``(C, F)`` and ``bias`` ``(C,)``
+    (the shapes as in :func:`_weight_terms`), so that :func:`_taylor_step` needs only the current ones.
+    """
+    d_mu, d_nu = _weight_terms(weight, dmean, dsqmean)
+    mean_0, sqmean_0 = mean - d_mu, sqmean - d_nu
+    if bias is not None:
+        bias = bias.to(mean.dtype)
+        mean_0 = mean_0 - bias
+        sqmean_0 = torch.addcmul(sqmean_0, mean, bias, value=-2)
+    return mean_0, sqmean_0
+
+
+def _taylor_step(
+    mean_0: Tensor, sqmean_0: Tensor, mean: Tensor, dmean: Tensor, dsqmean: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``mu_{t-tau}(theta_t)`` and ``nu_{t-tau}(theta_t)`` from the :func:`_intercepts` and the current ``W``, ``b``.
+
+    ``weight`` is ``W`` as ``(C, F)``; the other shapes as in :func:`_weight_terms`.
+    """
+    d_mu, d_nu = _weight_terms(weight, dmean, dsqmean)
+    mean_t, sqmean_t = mean_0 + d_mu, sqmean_0 + d_nu
+    if bias is not None:
+        bias = bias.to(mean.dtype)
+        mean_t = mean_t + bias
+        sqmean_t = torch.addcmul(sqmean_t, mean, bias, value=2)
+    return mean_t, sqmean_t
+
+
 @torch.no_grad()
 def compensate(
     mean: Tensor,
@@ -256,17 +312,23 @@ def compensate(
     ``dsqmean`` and ``old_weight`` are ``(n, C, F)``, ``weight`` is ``W`` (any shape ``(C, ...)``);
     ``old_bias`` ``(n, C)`` and ``bias`` ``(C,)`` when the producer has one.
     Returns the compensated ``mu_{t-tau}(theta_t)`` and ``nu_{t-tau}(theta_t)``.
+
+    Computed as ``(mu - dmu/dW . W_old) + dmu/dW . W`` (likewise for ``nu`` and the bias): the same
+    step, split so that a layer computes the first part once when it stores an iteration and only
+    the second, one matmul per statistic over the whole window, in every later step.
     """
-    n, c = mean.shape
-    groups = dmean.size(1)
-    delta = (weight.reshape(c, -1).to(old_weight.dtype) - old_weight).reshape(n, groups, c // groups, -1)
-    d_mu = torch.einsum("ngof,ngf->ngo", delta, dmean.reshape(n, groups, -1)).reshape(n, c)
-    d_nu = (delta.reshape(n, c, -1) * dsqmean.reshape(n, c, -1)).sum(-1)
-    if bias is not None and old_bias is not None:
-        delta_b = bias.to(old_bias.dtype) - old_bias
-        d_mu = d_mu + delta_b
-        d_nu = d_nu + 2 * mean * delta_b
-    return mean + d_mu, sqmean + d_nu
+    if bias is None or old_bias is None:
+        bias = old_bias = None
+    parts = [
+        _intercepts(
+            mean[j : j + 1], sqmean[j : j + 1], dmean[j : j + 1], dsqmean[j : j + 1], old_weight[j],
+            None if old_bias is None else old_bias[j],
+        )
+        for j in range(mean.size(0))
+    ]
+    mean_0 = torch.cat([m for m, _ in parts]) if parts else mean
+    sqmean_0 = torch.cat([v for _, v in parts]) if parts else sqmean
+    return _taylor_step(mean_0, sqmean_0, mean, dmean, dsqmean, weight.reshape(mean.size(1), -1), bias)
 
 
 # ----------------------------------------------------------------------------------- pairing
@@ -354,6 +416,9 @@ class CrossIterationBatchNorm(NormBase):
     fan-in of one output channel (``W[c].numel()``; kept flat so that ``model.to(memory_format=...)``
     leaves them alone). Unpaired, ``F = 0``. A BatchNorm checkpoint (which has
     none of these) loads with a fresh window and ``num_steps = 0``; ``attach`` also resets the window.
+    A non-persistent buffer ``window_intercept`` ``(2, k-1, C)`` caches each slot's part of the
+    Taylor step that does not involve the current weights (see :func:`compensate`); it is derived
+    from the others when an iteration is stored or a state dict is loaded.
     """
 
     def __init__(
@@ -383,6 +448,7 @@ class CrossIterationBatchNorm(NormBase):
         self.register_buffer("window_count", torch.tensor(0, dtype=torch.long, device=device))
         for name in _WINDOW_FLOATS:
             self.register_buffer(name, torch.zeros(0, device=device, dtype=sdt))
+        self.register_buffer(_INTERCEPT, torch.zeros(0, device=device, dtype=sdt), persistent=False)
         self.reset_window()
 
     # ------------------------------------------------------------------------- pairing
@@ -452,6 +518,7 @@ class CrossIterationBatchNorm(NormBase):
             "window_bias": (cap, nb),
             "window_dmean": (cap, *mu_shape),
             "window_dsqmean": (cap, *w_shape),
+            _INTERCEPT: (2, cap, c),
         }
         for name, shape in new.items():
             buf = getattr(self, name)
@@ -470,7 +537,7 @@ class CrossIterationBatchNorm(NormBase):
         )
 
     def _float32_buffers(self) -> tuple[str, ...]:
-        return (*super()._float32_buffers(), *_WINDOW_FLOATS)
+        return (*super()._float32_buffers(), *_WINDOW_FLOATS, _INTERCEPT)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -486,6 +553,9 @@ class CrossIterationBatchNorm(NormBase):
                     missing_keys.remove(prefix + name)
             self.reset_window()
             self.num_steps.zero_()
+        elif self.producer is not None and self._window_matches():
+            for slot in range(min(self.window_intercept.size(1), self.window_mean.size(0))):
+                self._store_intercepts(slot)
 
     def extra_repr(self) -> str:
         name = None if self.producer is None else type(self.producer).__name__
@@ -505,15 +575,10 @@ class CrossIterationBatchNorm(NormBase):
         if p is None or n == 0:
             return mean, sqmean
         bias = None if p.bias is None else p.bias.detach()
-        return compensate(
-            mean,
-            sqmean,
-            self.window_dmean[:n],
-            self.window_dsqmean[:n],
-            self.window_weight[:n],
-            p.weight.detach(),
-            self.window_bias[:n] if bias is not None else None,
-            bias,
+        mean_0, sqmean_0 = self.window_intercept[:, :n]
+        weight = p.weight.detach().reshape(self.num_features, -1)
+        return _taylor_step(
+            mean_0, sqmean_0, mean, self.window_dmean[:n], self.window_dsqmean[:n], weight, bias
         )
 
     def _checked_capture(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -560,12 +625,14 @@ class CrossIterationBatchNorm(NormBase):
         stored = int(self.window_count)
         past_mean, past_sqmean = self.past_statistics(stored)
         y, mean, var, count = pooled_batch_norm(x, past_mean, past_sqmean, self.weight, self.bias, self.eps, group)
+        if self.updates_running_stats():
+            self.update_running_stats(mean, var, count)
+        if group is None:
+            count = x.numel() // x.size(1)  # a number: scales without a tensor op
         sums = None
         if captured is not None:
             dt = self.window_mean.dtype
             sums = _derivative_sums(self.producer, captured[0].detach().to(dt), x.detach().to(dt), group)
-        if self.updates_running_stats():
-            self.update_running_stats(mean, var, count)
         self._push(stored % (self.window - 1), mean, var, sums, count)
         self.num_steps.add_(1)
         return y
@@ -595,21 +662,38 @@ class CrossIterationBatchNorm(NormBase):
 
     @torch.no_grad()
     def _push(
-        self, slot: int, mean: Tensor, var: Tensor, sums: tuple[Tensor, Tensor] | None, count: Tensor
+        self, slot: int, mean: Tensor, var: Tensor, sums: tuple[Tensor, Tensor] | None, count: Tensor | float
     ) -> None:
         """Store this iteration's statistics, derivatives and producer weights in ``slot`` (the oldest)."""
-        self.window_mean[slot] = mean.detach()
-        self.window_sqmean[slot] = var.detach() + mean.detach() ** 2
+        self.window_mean[slot] = mean
+        torch.addcmul(var, mean, mean, out=self.window_sqmean[slot])
         p = self.producer
         if sums is not None and p is not None:
             # The derivatives are the sums over the count samples (and 2 / m for nu), scaled in the store.
-            count = count.to(self.window_dmean.dtype)
-            torch.div(sums[0].reshape(self.window_dmean.shape[1:]), count, out=self.window_dmean[slot])
-            torch.mul(sums[1].reshape(self.window_dsqmean.shape[1:]), 2 / count, out=self.window_dsqmean[slot])
+            scale = 1 / count
+            # Written through views of the slots, whatever the sums' memory format (channels_last).
+            torch.mul(sums[0], scale, out=self.window_dmean[slot].view(sums[0].shape))
+            torch.mul(sums[1], 2 * scale, out=self.window_dsqmean[slot].view(sums[1].shape))
             self.window_weight[slot] = p.weight.detach().reshape(self.window_weight.shape[1:])
             if p.bias is not None:
                 self.window_bias[slot] = p.bias.detach()
+            self._store_intercepts(slot)
         self.window_count.add_(1)
+
+    @torch.no_grad()
+    def _store_intercepts(self, slot: int) -> None:
+        """Compute ``window_intercept`` of ``slot`` from its stored statistics, derivatives and weights."""
+        one = slice(slot, slot + 1)
+        mean_0, sqmean_0 = _intercepts(
+            self.window_mean[one],
+            self.window_sqmean[one],
+            self.window_dmean[one],
+            self.window_dsqmean[one],
+            self.window_weight[slot],
+            self.window_bias[slot] if self.window_bias.size(1) else None,
+        )
+        self.window_intercept[0, slot] = mean_0[0]
+        self.window_intercept[1, slot] = sqmean_0[0]
 
 
 # ----------------------------------------------------------------------------------- convert
