@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 Step = Callable[[], None]
 
@@ -58,16 +58,22 @@ def native_bn(shape: tuple[int, ...]) -> nn.Module:
 
 def peak_memory(step: Step) -> int:
     """Peak bytes allocated on the CPU during one ``step`` (above what was live before it)."""
+    # Two steps under the profiler, the second measured: whatever the measured step frees (the
+    # previous step's gradients) was then allocated while profiling, so its release is recorded too.
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+        with record_function("measured_step"):
+            step()
+    events = list(prof.profiler.kineto_results.events())
+    mark = min(e.start_ns() for e in events if e.name() == "measured_step")
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live = before = sum(n for t, n in memory if t < mark)
+    peak = live
+    for t, nbytes in memory:
+        if t >= mark:
+            live += nbytes
+            peak = max(peak, live)
+    return peak - before
 
 
 def time_pair(a: Step, b: Step, repeats: int, min_time: float = 0.05) -> tuple[float, float]:

@@ -1,7 +1,14 @@
-"""Run the benchmarks: ``python benchmarks/run.py [--only NAME ...] [--repeats N] [--markdown FILE]``.
+"""Run the benchmarks: ``python benchmarks/run.py [--only NAME ...] [--repeats N] [--markdown FILE] [--keep-memory]``.
 
 Every case compares a normlab layer with torch's native BatchNorm on the same shape in the same
 run, and prints the time and peak-memory ratios with their targets.
+
+``--keep-memory`` reruns the process with glibc's heap trimming and mmap allocations turned off
+(``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_MMAP_THRESHOLD_``), for layer and baseline alike. torch's CPU
+allocator has no cache: with glibc's defaults every freed buffer of a few MB goes back to the kernel
+and the next step pays its page faults again (about 1 ms per 2 MB on a small VM), which times the
+machine's memory management more than the layers. A caching allocator (jemalloc, tcmalloc), which
+PyTorch's CPU performance guide recommends, behaves like this setting.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import os
 import platform
 import sys
 from pathlib import Path
@@ -19,6 +27,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from harness import markdown, run_case  # noqa: E402
+
+_KEEP_MEMORY = {"MALLOC_TRIM_THRESHOLD_": "1000000000000", "MALLOC_MMAP_THRESHOLD_": "1000000000"}
+
+
+def memory_mode() -> str:
+    """How this process's allocator returns memory (see ``--keep-memory``)."""
+    kept = all(os.environ.get(k) == v for k, v in _KEEP_MEMORY.items())
+    return "glibc malloc, trimming and mmap off (--keep-memory)" if kept else "glibc malloc defaults"
 
 
 def machine() -> str:
@@ -33,7 +49,7 @@ def machine() -> str:
         pass
     return (
         f"{cpu}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, {datetime.date.today().isoformat()}"
+        f"torch {torch.__version__}, {memory_mode()}, {datetime.date.today().isoformat()}"
     )
 
 
@@ -42,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=None, help="case files to run, e.g. brn dbn cbn")
     p.add_argument("--repeats", type=int, default=15, help="timed repetitions per case (median taken)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
+    p.add_argument("--keep-memory", action="store_true", help="rerun with glibc's heap trimming off (see above)")
     args = p.parse_args(argv)
+    if args.keep_memory and any(os.environ.get(k) != v for k, v in _KEEP_MEMORY.items()):
+        # glibc reads these at start-up: set them and start again.
+        os.environ.update(_KEEP_MEMORY)
+        rest = sys.argv[1:] if argv is None else argv
+        os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *rest])
     torch.manual_seed(0)
     names = sorted(f.stem.removeprefix("cases_") for f in HERE.glob("cases_*.py"))
     if args.only:

@@ -536,7 +536,7 @@ def ema(running: Tensor, value: Tensor, factor: Tensor | float) -> None:
     value = value.detach().to(running.dtype)
     if isinstance(factor, Tensor):
         factor = factor.to(running.dtype)
-    running.mul_(1 - factor).add_(value * factor)
+    running.lerp_(value, factor)
 
 
 def _bn_affine(
