@@ -71,6 +71,13 @@ def test_channel_stats_other_layouts(make):
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-6)
 
 
+def test_two_pass_stats_needs_samples_and_spatial_extent():
+    assert not base.two_pass_stats(torch.empty(0, 3, 5, 5))
+    assert not base.two_pass_stats(torch.empty(4, 0, 5, 5))
+    assert not base.two_pass_stats(torch.empty(4, 3, 1))
+    assert base.two_pass_stats(torch.empty(1, 3, 2))
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(1, 9),

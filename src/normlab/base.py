@@ -205,7 +205,7 @@ def two_pass_stats(x: Tensor) -> bool:
         and x.dtype in (torch.float32, torch.float64)
         and x.dim() > 2
         and x.is_contiguous()
-        and x[0, 0].numel() > 1
+        and x.numel() > x.size(0) * x.size(1)  # samples, and a spatial extent
     )
 
 
@@ -257,10 +257,10 @@ def channel_stats(x: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Ten
 
 
 class _LocalMoments(torch.autograd.Function):
-    """Per-channel mean and biased variance of ``x`` ``(N, C, *)`` on torch's batch-norm statistics kernel.
+    """Per-channel mean and biased variance of ``x`` ``(N, C, *)`` by :func:`channel_stats`, differentiable.
 
     ``torch.var_mean`` over the non-channel dimensions is 3-25x slower on CPU than
-    :func:`channel_stats`, which has no autograd formula; its backward is
+    :func:`channel_stats`, which has no autograd formula; the backward is
     ``dx = (g_mean + 2 g_var (x - mean)) / m``. Twice differentiable: under ``create_graph`` the
     backward recomputes the mean from ``x`` so that its dependency on ``x`` is in the graph.
     """

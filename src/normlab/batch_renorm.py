@@ -89,13 +89,9 @@ def paper_schedule(scale: float = 1.0) -> dict[str, Ramp]:
     }
 
 
-def _as_tensor(limit: Tensor | float, x: Tensor) -> Tensor:
-    return limit if isinstance(limit, Tensor) else torch.tensor(float(limit), device=x.device)
-
-
 def _bounds(r_max: Tensor | float, d_max: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(1/r_max, r_max, -d_max, d_max)`` as 0-d tensors on ``like``'s device."""
-    if isinstance(r_max, Tensor) or isinstance(d_max, Tensor):
+    if isinstance(r_max, Tensor) or isinstance(d_max, Tensor) or torch.compiler.is_compiling():
         r_max, d_max = (t if isinstance(t, Tensor) else like.new_tensor(float(t)) for t in (r_max, d_max))
         return r_max.reciprocal(), r_max, d_max.neg(), d_max
     return _fixed_bounds(float(r_max), float(d_max), like.device, like.dtype)
@@ -287,7 +283,7 @@ def batch_renorm(
         bounds = _bounds(r_max, d_max, running_mean)
         return _RenormFunction.apply(x, weight, bias, (running_mean, running_var, bounds, eps, momentum))
     if group is None:
-        r_lo, r_hi, d_lo, d_hi = _bounds(_as_tensor(r_max, x), _as_tensor(d_max, x), running_mean)
+        r_lo, r_hi, d_lo, d_hi = _bounds(r_max, d_max, running_mean)
         y, mean, sigma_b, sigma = _renorm_train(
             x, weight, bias, running_mean, running_var, r_lo, r_hi, d_lo, d_hi, eps
         )[:4]
