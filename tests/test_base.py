@@ -71,6 +71,20 @@ def test_channel_stats_other_layouts(make):
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5, 5)])
+def test_stats_and_output_buffer_then_inference(shape):
+    x = torch.randn(shape) * 2 + 1
+    mean, var, out = base.stats_and_output_buffer(x)
+    assert (out is not None) == base.two_pass_stats(x)
+    ref_mean, ref_var = _reference_stats(x)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-6)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    y = base.inference_batch_norm(x, w, b, mean, var, 1e-5, out)
+    assert out is None or y.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(y, nn.functional.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5))
+
+
 def test_two_pass_stats_needs_samples_and_spatial_extent():
     assert not base.two_pass_stats(torch.empty(0, 3, 5, 5))
     assert not base.two_pass_stats(torch.empty(4, 0, 5, 5))

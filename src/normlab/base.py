@@ -229,8 +229,38 @@ def channel_stats(x: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Ten
     kernel. ``scratch``, a contiguous buffer shaped like ``x`` that may be overwritten (say the output
     about to be written), spares the two-pass path its temporary (at most a chunk).
     """
+    return _two_pass_stats(x, scratch) if two_pass_stats(x) else _native_stats(x)
+
+
+def stats_and_output_buffer(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`channel_stats` of ``x``, and the buffer that served as its scratch, for the output.
+
+    The buffer (``None`` where torch's kernel computed the statistics) is what a caller passes as
+    ``out`` to :func:`inference_batch_norm`, so the two-pass statistics cost no extra memory.
+    """
     if not two_pass_stats(x):
-        return _native_stats(x)
+        return (*_native_stats(x), None)
+    out = torch.empty_like(x)
+    return (*_two_pass_stats(x, out), out)
+
+
+def inference_batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` on torch's inference kernel, into ``out`` if given."""
+    if out is None:
+        return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+    unused = mean.new_empty(0)  # the kernel's saved statistics, empty in inference
+    return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps, out=(out, unused, unused.clone()))[0]
+
+
+def _two_pass_stats(x: Tensor, scratch: Tensor | None) -> tuple[Tensor, Tensor]:
     dims = reduce_dims(x)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     rows = max(1, _CHUNK_BYTES // (x[0].numel() * x.element_size()))

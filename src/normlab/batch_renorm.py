@@ -46,11 +46,11 @@ from .base import (
     NormBase,
     channel_affine,
     channel_moments,
-    channel_stats,
     check_input,
     constant,
+    inference_batch_norm,
     memory_format_of,
-    two_pass_stats,
+    stats_and_output_buffer,
 )
 from .registry import build_normbase, register
 
@@ -129,20 +129,16 @@ def _move_running(
     sigma: Tensor,
     sigma_b: Tensor,
     factor: Tensor | float,
-    neg_eps: Tensor,
+    eps: float,
 ) -> None:
     """Without grad mode: ``mu`` and ``sigma`` move towards ``mu_B`` and ``sigma_B`` at rate ``factor``
-    (the paper moves sigma, not the variance); ``running_var`` stores ``sigma^2 + neg_eps``. Overwrites
+    (the paper moves sigma, not the variance); ``running_var`` stores ``sigma^2 - eps``. Overwrites
     ``sigma``."""
     running_mean.lerp_(mean, factor)
     sigma.lerp_(sigma_b, factor)
     # Never below 0: both sigmas are >= sqrt(eps), but rounding may take a few ulps off.
+    neg_eps = constant(-eps, running_var.device, running_var.dtype)
     torch.addcmul(neg_eps, sigma, sigma, out=running_var).clamp_min_(0)
-
-
-def _unused(like: Tensor) -> Tensor:
-    # The inference kernel's (empty) saved statistics.
-    return like.new_empty(0)
 
 
 def _train_forward(
@@ -161,8 +157,7 @@ def _train_forward(
     # The statistics (mean and biased variance; float32 for half inputs), then the
     # native inference kernel with the batch statistics and the folded affine (gamma r, gamma d + beta).
     # Few small ops: at small shapes their dispatch costs as much as the kernels.
-    y = torch.empty_like(x) if two_pass_stats(x) else None  # first the statistics' scratch, then the output
-    mean, var = channel_stats(x, scratch=y)
+    mean, var, out = stats_and_output_buffer(x)
     if mean.dtype != running_mean.dtype:
         mean, var = mean.to(running_mean.dtype), var.to(running_mean.dtype)
     eps_t = constant(eps, running_var.device, running_var.dtype)
@@ -170,10 +165,7 @@ def _train_forward(
     sigma = torch.add(running_var, eps_t).sqrt_()
     r, d = renorm_corrections(mean, sigma_b, running_mean, sigma, (r_lo, r_hi, d_lo, d_hi))
     w_eff, b_eff = _folded_affine(weight, bias, r, d)
-    if y is None:
-        y = torch.native_batch_norm(x, w_eff, b_eff, mean, var, False, 0.0, eps)[0]
-    else:
-        torch.native_batch_norm(x, w_eff, b_eff, mean, var, False, 0.0, eps, out=(y, _unused(mean), _unused(mean)))
+    y = inference_batch_norm(x, w_eff, b_eff, mean, var, eps, out)
     return y, mean, sigma_b, sigma, r, d, w_eff.clone() if w_eff is r else w_eff
 
 
@@ -243,8 +235,7 @@ class _RenormFunction(torch.autograd.Function):
         _save_for_backward(ctx, x, weight, bias, eps, outputs)
         if factor is not None:
             _, mean, sigma_b, sigma = outputs[:4]
-            neg_eps = constant(-eps, running_var.device, running_var.dtype)
-            _move_running(running_mean, running_var, mean, sigma, sigma_b, factor, neg_eps)
+            _move_running(running_mean, running_var, mean, sigma, sigma_b, factor, eps)
         return outputs[0]
 
     @staticmethod
@@ -297,8 +288,7 @@ def batch_renorm(
         y = channel_affine(x, mean, 1 / sigma_b, w_eff, b_eff)
     if momentum is not None:
         with torch.no_grad():
-            neg_eps = running_var.new_full((), -eps)
-            _move_running(running_mean, running_var, mean.detach(), sigma, sigma_b.detach(), momentum, neg_eps)
+            _move_running(running_mean, running_var, mean.detach(), sigma, sigma_b.detach(), momentum, eps)
     return y
 
 

@@ -61,11 +61,11 @@ from .base import (
     buffer_dtype,
     channel_affine,
     channel_moments,
-    channel_stats,
     global_sum,
+    inference_batch_norm,
     memory_format_of,
     stat_dtype,
-    two_pass_stats,
+    stats_and_output_buffer,
 )
 from .fold import find_pairs
 from .registry import ConversionReport, build_normbase, register
@@ -112,18 +112,13 @@ class _PooledNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, past_mean, past_sqmean, eps):  # noqa: ANN001, ANN205
-        y = torch.empty_like(x) if two_pass_stats(x) else None  # first the statistics' scratch, then the output
-        mean, var = channel_stats(x, scratch=y)
+        mean, var, out = stats_and_output_buffer(x)
         mean, var = mean.to(past_mean.dtype), var.to(past_mean.dtype)
         mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean)
         # Parameters in the statistics dtype: the CPU kernels take half inputs with float32 parameters.
         gamma = None if weight is None else weight.to(mean.dtype)
         beta = None if bias is None else bias.to(mean.dtype)
-        if y is None:
-            y = torch.batch_norm(x, gamma, beta, mean_bar, var_bar, False, 0.0, eps, False)
-        else:  # the inference kernel with the pooled statistics; its saved statistics are empty
-            unused = mean.new_empty(0)
-            torch.native_batch_norm(x, gamma, beta, mean_bar, var_bar, False, 0.0, eps, out=(y, unused, unused.clone()))
+        y = inference_batch_norm(x, gamma, beta, mean_bar, var_bar, eps, out)
         invstd = torch.rsqrt(var_bar + eps)
         n = past_mean.size(0) + 1
         ctx.save_for_backward(x, gamma, mean_bar, invstd)
