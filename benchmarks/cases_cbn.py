@@ -2,7 +2,9 @@
 
 Target: <= 1.4x time past the burn-in (the window full). The same run also times an
 official-style step (the derivatives of mu and nu by two extra ``autograd.grad`` passes per step,
-the window in Python lists), written here from the paper's algorithm as the point of comparison.
+the window in Python lists), written here from the paper's algorithm as the point of comparison,
+and a "floor" step: conv3x3 + BatchNorm plus only the closed-form derivatives dmu/dW and dnu/dW
+that any CBN step must compute, i.e. what the target leaves for everything else.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import normlab
+from normlab.cross_iteration import producer_derivatives
 
 from harness import Case, Step
 
@@ -99,6 +102,25 @@ def _official(window: int):
     return make
 
 
+def _floor() -> Step:
+    """conv3x3 + BatchNorm plus the closed-form dmu/dW and dnu/dW that CBN must add: its cost floor."""
+    conv, bn = _conv(), nn.BatchNorm2d(SHAPE[1])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=g).requires_grad_(True)
+    grad = torch.randn(SHAPE, generator=g)
+    count = torch.tensor(float(SHAPE[0] * SHAPE[2] * SHAPE[3]))
+
+    def step() -> None:
+        x.grad = None
+        conv.zero_grad(set_to_none=True)
+        bn.zero_grad(set_to_none=True)
+        h = conv(x)
+        producer_derivatives(conv, x.detach(), h.detach(), count)
+        bn(h).backward(grad)
+
+    return step
+
+
 def _baseline() -> Step:
     return _step(_conv(), nn.BatchNorm2d(SHAPE[1]))
 
@@ -114,4 +136,6 @@ CASES = [
              baseline_label="conv3x3+BatchNorm")
         for k in WINDOWS
     ),
+    Case("CrossIterationBatchNorm", "floor: conv3x3+BatchNorm+dmu/dW,dnu/dW", SHAPE, _floor, _baseline,
+         baseline_label="conv3x3+BatchNorm"),
 ]

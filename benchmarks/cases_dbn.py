@@ -1,7 +1,8 @@
 """DecorrelatedBatchNorm against torch's BatchNorm and against a plain autograd-through-eigh layer.
 
 Targets (issue 3): zca <= 2.0x native BatchNorm and >= 1.3x faster than autograd through ``eigh``
-(time ratio <= 1/1.3); newton <= 1.8x native BatchNorm. Forward+backward, train mode.
+(time ratio <= 1/1.3); newton <= 1.8x native BatchNorm. Forward+backward, train mode. The "floor" rows
+time the grouped GEMMs (and eigh) that any such step contains, alone, against the same BatchNorm.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 import normlab
 
-from harness import Case, native_bn, norm_step
+from harness import Case, Step, native_bn, norm_step
 
 SHAPES = [(32, 64, 16, 16), (512, 1024)]
 GROUP_SIZES = [16, 64]
@@ -44,6 +45,38 @@ class EighAutogradDBN(nn.Module):
         return y * self.weight.view(shape) + self.bias.view(shape)
 
 
+def _gemm_floor(shape: tuple[int, ...], group_size: int, eigh: bool):
+    """The arithmetic every ZCA step must do, timed alone: its five grouped GEMMs (and ``eigh``).
+
+    The covariance ``X X^T``, the whitening ``W X``, and in the backward ``dY X^T``, ``W^T dY`` and
+    the covariance's input-gradient product, on a group-major layout (each group's ``g x m`` samples
+    contiguous) with no centring, permutes, affine or small-matrix work around them. A real step
+    does all of this and more, so its ratio to BatchNorm stays above these rows' (give or take the
+    layout: the layer's sample-major buffer runs the covariance product faster).
+    """
+
+    def make() -> Step:
+        c = shape[1]
+        m = shape[0] * (shape[2] * shape[3] if len(shape) == 4 else 1)
+        groups = c // group_size
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(groups, group_size, m, generator=g)
+        dy = torch.randn(groups, group_size, m, generator=g)
+
+        def step() -> None:
+            cov = torch.bmm(x, x.mT).div_(m)
+            cov.diagonal(dim1=-2, dim2=-1).add_(1.0)
+            w = torch.linalg.eigh(cov)[1] if eigh else cov
+            torch.bmm(w, x)  # forward: whiten
+            g_w = torch.bmm(dy, x.mT)  # backward: dL/dW
+            dx = torch.bmm(w.mT, dy)  # backward: through the whitening
+            dx.baddbmm_(g_w, x)  # backward: through the covariance
+
+        return step
+
+    return make
+
+
 def _dbn(shape: tuple[int, ...], group_size: int, method: str):
     return lambda: norm_step(normlab.DecorrelatedBatchNorm(shape[1], group_size=group_size, method=method), shape)
 
@@ -71,4 +104,6 @@ for _s in SHAPES:
                 baseline_label="autograd through eigh",
             ),
             Case("DecorrelatedBatchNorm", f"newton g={_g}", _s, _dbn(_s, _g, "newton"), _bn(_s), 1.8),
+            Case("DecorrelatedBatchNorm", f"floor: GEMMs g={_g}", _s, _gemm_floor(_s, _g, False), _bn(_s)),
+            Case("DecorrelatedBatchNorm", f"floor: GEMMs+eigh g={_g}", _s, _gemm_floor(_s, _g, True), _bn(_s)),
         ]

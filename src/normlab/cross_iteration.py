@@ -252,8 +252,9 @@ def _weight_terms(weight: Tensor, dmean: Tensor, dsqmean: Tensor) -> tuple[Tenso
     else:  # (groups, C/groups, F) @ (groups, F, n), back to (n, C)
         d_mu = torch.matmul(weight.view(groups, c // groups, fan_in), dmean.permute(1, 2, 0))
         d_mu = d_mu.permute(2, 0, 1).reshape(n, c)
-    # Channel c of every slot against W_c: a (n, F) @ (F, 1) per channel.
-    return d_mu, torch.bmm(dsqmean.transpose(0, 1), weight.unsqueeze(-1)).view(c, n).t()
+    # Channel c of every slot against W_c: one fused multiply-and-sum over F (a bmm over channels
+    # would first copy the window channel-major).
+    return d_mu, torch.linalg.vecdot(dsqmean, weight)
 
 
 def _intercepts(

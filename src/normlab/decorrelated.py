@@ -56,12 +56,12 @@ coincide) the ``1/(l_j - l_i)`` terms of the eigenvector derivative are set to z
 below ``sqrt(machine eps) * l_max``. ``newton`` differentiates the matrix products (by hand, step by
 step, in the training step; by autograd elsewhere).
 
-The training step is one autograd Function, batched over groups, that keeps ``[Xc^T, 1]`` (the centred
-input, sample-major, with a column of ones) for the backward: the forward makes the mean, the centring,
-the covariance GEMM and the whitening GEMM ``[diag(gamma) W | beta] [Xc; 1]`` (affine included); the
-backward the GEMM ``dL/dy [Xc^T, 1]`` (``dL/dy Xc^T``, which gives ``dL/dW`` and ``dL/dgamma``, and the
-sum of ``dL/dy``) and the input gradient ``(diag(gamma) W)^T (dL/dy - mean(dL/dy)) + (G_S + G_S^T)/m Xc``
-as two GEMMs accumulated in one buffer, the mean term riding on the ones column.
+The training step is one autograd Function, batched over groups, that keeps the centred input Xc
+sample-major (``Xc^T`` per group; for (N, C) input with a column of ones appended) for the backward: the
+forward makes the mean, the centring, the covariance GEMM and the whitening GEMM ``diag(gamma) W Xc +
+beta`` (affine included); the backward the GEMM ``dL/dy Xc^T`` (which gives ``dL/dW`` and
+``dL/dgamma``), the sum of ``dL/dy`` (on the ones column for (N, C) input) and the input gradient
+``(diag(gamma) W)^T (dL/dy - mean(dL/dy)) + (G_S + G_S^T)/m Xc`` as two GEMMs accumulated in one buffer.
 
 Distributed (``process_group`` set, see :func:`normlab.sync`): the count, per-channel sums and per-group
 sums of ``x x^T`` travel in one differentiable :func:`normlab.base.global_sum`, so the mean and the
@@ -156,58 +156,76 @@ def _apply(M: Tensor, v: Tensor) -> Tensor:
     return torch.matmul(M, v)
 
 
-# The training step keeps the centred input in a sample-major buffer with a column of ones appended to
-# each group: (N, G, g + 1) for 2-D input, (N, G, L, g + 1) otherwise, so that each group of each sample
-# is a row-major (samples x (g + 1)) matrix [Xc^T, 1]. BLAS is several times faster on Xc^T-shaped
-# operands (Xc Xc^T as a product of transposed row-major matrices, dL/dy Xc^T as a plain product) than
-# on the channel-major ones, and the ones column folds the per-channel constants into the GEMMs:
-# [A | b] [Xc; 1] is the whitening with its bias, and dL/dy [Xc^T, 1] gives dL/dy Xc^T and the sum of
-# dL/dy in one pass.
+# The training step keeps the centred input Xc in a sample-major buffer, so that each group of each
+# sample is a row-major (samples x g) matrix Xc^T: BLAS is several times faster on such operands
+# (Xc Xc^T as a product of transposed row-major matrices, dL/dy Xc^T as a plain product) than on
+# channel-major ones.
+# - 2-D input: (N, G, g + 1), with a column of ones appended to each group, which folds the
+#   per-channel constants into the GEMMs: [A | b] [Xc; 1] is the whitening with its bias, and
+#   dL/dy [Xc^T, 1] gives dL/dy Xc^T and the sum of dL/dy in one product.
+# - Spatial input: (N, G, L, g), one (L x g) matrix per sample and group; the products are batched
+#   over samples and groups and read the input and its gradient in place, in their (N, C, L) layout.
+#   No ones column here: its strided fill costs more than the separate sum and the bias term of
+#   baddbmm, and a row of g + 1 floats misaligns every row of the GEMMs.
 def _centred(xv: Tensor, mean: Tensor) -> Tensor:
-    """The sample-major buffer ``[Xc^T, 1]`` of the grouped input ``xv`` (N, G, g[, L])."""
+    """The sample-major buffer of the grouped input ``xv`` (N, G, g[, L]) minus its ``mean`` (G, g)."""
     n, G, g = xv.shape[:3]
-    xa = xv.new_empty((n, G, g + 1) if xv.dim() == 3 else (n, G, xv.size(3), g + 1))
-    xa[..., g].fill_(1.0)  # a fill, not an indexed assignment: the strided copy of a scalar is slow
-    torch.sub(xv, _expand(mean, xv), out=xa[..., :g] if xv.dim() == 3 else xa[..., :g].mT)
+    if xv.dim() == 3:
+        xa = xv.new_empty((n, G, g + 1))
+        xa[..., g].fill_(1.0)  # a fill, not an indexed assignment: the strided copy of a scalar is slow
+        torch.sub(xv, mean, out=xa[..., :g])
+        return xa
+    xa = xv.new_empty((n, G, xv.size(3), g))
+    torch.sub(xv, mean.unsqueeze(-1), out=xa.mT)
     return xa
 
 
-def _rows(xa: Tensor) -> Tensor:
-    """The buffer as a batch of (samples x (g + 1)) matrices: (G, N, g + 1) or (N * G, L, g + 1)."""
-    return xa.transpose(0, 1) if xa.dim() == 3 else xa.flatten(0, 1)
+def _per_sample(M: Tensor, n: int) -> Tensor:
+    """``M`` (G, ...) repeated for each of ``n`` samples, as a batch (n * G, ...)."""
+    return M.expand(n, *M.shape).reshape(n * M.size(0), *M.shape[1:])
 
 
-def _cols(v: Tensor) -> Tensor:
-    """The grouped layout ``v`` as a batch of (g x samples) matrices, batched like :func:`_rows`."""
-    return v.transpose(0, 1).mT if v.dim() == 3 else v.flatten(0, 1)
+def _scatter(xa: Tensor, g: int) -> Tensor:
+    """Per group, ``sum Xc Xc^T`` over the samples: (G, g, g)."""
+    if xa.dim() == 3:
+        rows = xa.transpose(0, 1)[..., :g]
+        return torch.bmm(rows.mT, rows)
+    flat = xa.flatten(0, 1)
+    return torch.bmm(flat.mT, flat).unflatten(0, xa.shape[:2]).sum(0)
 
 
-def _per_group(t: Tensor, xa: Tensor) -> Tensor:
-    """A product batched like :func:`_rows` summed over the samples' batch: (G, ...)."""
-    return t if xa.dim() == 3 else t.unflatten(0, xa.shape[:2]).sum(0)
+def _affine(M: Tensor, b: Tensor, xa: Tensor) -> Tensor:
+    """Per group, ``M_k Xc + b_k`` for ``M`` (G, g, g) and ``b`` (G, g), in the grouped layout (N, G, g[, L]).
+
+    For 2-D input the GEMM is group-major and the result a transposed view of it (a GEMM writing each
+    group's block into the (N, C) result in place is several times slower than one contiguous GEMM and
+    a transposing copy)."""
+    if xa.dim() == 3:
+        return torch.bmm(xa.transpose(0, 1), torch.cat([M, b.unsqueeze(-1)], -1).mT).transpose(0, 1)
+    n = xa.size(0)
+    out = torch.baddbmm(_per_sample(b.unsqueeze(-1), n), _per_sample(M, n), xa.flatten(0, 1).mT)
+    return out.unflatten(0, xa.shape[:2])
 
 
-def _whiten(M: Tensor, xa: Tensor) -> Tensor:
-    """Per group, ``M_k [Xc; 1]`` for ``M`` (G, g, g + 1), batched like :func:`_rows`: (G, N, g) or (N * G, g, L).
-
-    For 2-D input the result is group-major (a GEMM writing each group's block into the (N, C) result
-    in place is several times slower than one contiguous GEMM and a transposing copy)."""
-    if xa.dim() == 4:
-        return torch.matmul(M, xa.mT).flatten(0, 1)
-    return torch.bmm(_rows(xa), M.mT)
-
-
-def _accumulate(out: Tensor, M: Tensor, v: Tensor) -> Tensor:
-    """``out += M_k v_k`` per group for ``out`` from :func:`_whiten` and ``v`` in the grouped layout."""
-    if v.dim() == 3:
-        return out.baddbmm_(v.transpose(0, 1), M.mT)
-    n, G, g, L = v.shape
-    return out.baddbmm_(M.expand(n, G, g, g).reshape(n * G, g, g), v.reshape(n * G, g, L))
+def _grad_products(gv: Tensor, xa: Tensor) -> tuple[Tensor, Tensor]:
+    """Per group, ``sum dL/dy Xc^T`` (G, g, g) and ``sum dL/dy`` (G, g), for ``gv`` in the grouped layout."""
+    n, G, g = gv.shape[:3]
+    if gv.dim() == 3:
+        Pa = torch.bmm(gv.transpose(0, 1).mT, xa.transpose(0, 1))
+        return Pa[..., :g], Pa[..., g]
+    P = torch.bmm(gv.reshape(n * G, g, -1), xa.flatten(0, 1)).unflatten(0, (n, G)).sum(0)
+    return P, gv.sum((0, 3))
 
 
-def _regrouped(out: Tensor, xa: Tensor) -> Tensor:
-    """A result of :func:`_whiten` in the grouped layout (N, G, g[, L]) of the input."""
-    return out.transpose(0, 1) if xa.dim() == 3 else out.unflatten(0, xa.shape[:2])
+def _input_grad(M: Tensor, b: Tensor, At: Tensor, gv: Tensor, xa: Tensor) -> Tensor:
+    """Per group, ``M_k Xc + b_k + At_k dL/dy`` in the grouped layout (N, G, g[, L])."""
+    n = gv.size(0)
+    if gv.dim() == 3:
+        out = torch.bmm(xa.transpose(0, 1), torch.cat([M, b.unsqueeze(-1)], -1).mT)
+        return out.baddbmm_(gv.transpose(0, 1), At.mT).transpose(0, 1)
+    flat = gv.reshape(n * gv.size(1), gv.size(2), -1)
+    out = torch.baddbmm(_per_sample(b.unsqueeze(-1), n), _per_sample(M, n), xa.flatten(0, 1).mT)
+    return out.baddbmm_(_per_sample(At, n), flat).unflatten(0, gv.shape[:2])
 
 
 def _pad_mask(num_features: int, G: int, g: int, like: Tensor) -> Tensor | None:
@@ -395,10 +413,9 @@ class _DBNFunction(torch.autograd.Function):
         c = x.size(1)
         xv = _grouped(x.to(stat_dtype(x)), G, g)
         m = xv.numel() // (G * g)
-        mean = xv.mean(_sample_dims(xv))
+        mean = xv.mean(0) if xv.dim() == 3 else xv.flatten(1, 2).mean((0, 2)).view(G, g)
         xa = _centred(xv, mean)
-        rows = _rows(xa)[..., :g]
-        cov = _per_group(torch.bmm(rows.mT, rows), xa) / m
+        cov = _scatter(xa, g) / m
         mask = _pad_mask(c, G, g, cov)
         sigma = _regularized(cov, eps, mask, method)
         if method == "newton":
@@ -410,7 +427,7 @@ class _DBNFunction(torch.autograd.Function):
         gamma = None if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0)
         A = W if gamma is None else gamma.unsqueeze(-1) * W
         beta = W.new_zeros(G, g) if bias is None else _pad_vector(bias.to(W.dtype), G, g, 0.0)
-        y = _regrouped(_whiten(torch.cat([A, beta.unsqueeze(-1)], -1), xa), xa)
+        y = _affine(A, beta, xa)
         ctx.save_for_backward(xa, W, gamma, *saved)
         ctx.setup = (x.shape, x.dtype, m, mask, method, iterations, _dtype(weight), _dtype(bias))
         out = (_ungrouped(y, x.shape).to(x.dtype), mean.reshape(-1)[:c], cov, W)
@@ -425,9 +442,7 @@ class _DBNFunction(torch.autograd.Function):
         G, g = W.shape[:2]
         c = shape[1]
         gv = _grouped(gy.to(W.dtype), G, g)
-        # [dL/dy Xc^T, dL/dy 1] per group in one GEMM.
-        Pa = _per_group(torch.bmm(_cols(gv), _rows(xa)), xa)
-        P, gsum = Pa[..., :g], Pa[..., g]
+        P, gsum = _grad_products(gv, xa)
         g_weight = (P * W).sum(-1).reshape(-1)[:c].to(w_dtype) if ctx.needs_input_grad[1] else None
         g_bias = gsum.reshape(-1)[:c].to(b_dtype) if ctx.needs_input_grad[2] else None
         if not ctx.needs_input_grad[0]:
@@ -442,10 +457,10 @@ class _DBNFunction(torch.autograd.Function):
         if mask is not None:
             g_sigma = g_sigma * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
         # d/dXc of W Xc and of Xc Xc^T / m; the mean's backward subtracts the mean gradient,
-        # which is A^T mean(dL/dy) because Xc sums to zero: one GEMM over [Xc; 1], one over dL/dy.
+        # which is A^T mean(dL/dy) because Xc sums to zero: one GEMM over Xc (with that shift), one over dL/dy.
         shift = -(A.mT @ gsum.unsqueeze(-1)) / m
-        gx = _whiten(torch.cat([(g_sigma + g_sigma.mT) / m, shift], -1), xa)
-        gx = _ungrouped(_regrouped(_accumulate(gx, A.mT, gv), xa), shape).to(dtype)
+        gx = _input_grad((g_sigma + g_sigma.mT) / m, shift.squeeze(-1), A.mT, gv, xa)
+        gx = _ungrouped(gx, shape).to(dtype)
         return gx, g_weight, g_bias, None, None, None, None, None
 
 
