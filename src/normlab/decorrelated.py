@@ -219,13 +219,13 @@ def _grad_products(gv: Tensor, xa: Tensor) -> tuple[Tensor, Tensor]:
 
 def _input_grad(M: Tensor, b: Tensor, At: Tensor, gv: Tensor, xa: Tensor) -> Tensor:
     """Per group, ``M_k Xc + b_k + At_k dL/dy`` in the grouped layout (N, G, g[, L])."""
-    n = gv.size(0)
+    out = _affine(M, b, xa)
+    # Accumulated into the contiguous GEMM result that _affine's output is a view of.
     if gv.dim() == 3:
-        out = torch.bmm(xa.transpose(0, 1), torch.cat([M, b.unsqueeze(-1)], -1).mT)
-        return out.baddbmm_(gv.transpose(0, 1), At.mT).transpose(0, 1)
-    flat = gv.reshape(n * gv.size(1), gv.size(2), -1)
-    out = torch.baddbmm(_per_sample(b.unsqueeze(-1), n), _per_sample(M, n), xa.flatten(0, 1).mT)
-    return out.baddbmm_(_per_sample(At, n), flat).unflatten(0, gv.shape[:2])
+        out.transpose(0, 1).baddbmm_(gv.transpose(0, 1), At.mT)
+    else:
+        out.flatten(0, 1).baddbmm_(_per_sample(At, gv.size(0)), gv.flatten(0, 1))
+    return out
 
 
 def _pad_mask(num_features: int, G: int, g: int, like: Tensor) -> Tensor | None:
@@ -413,7 +413,7 @@ class _DBNFunction(torch.autograd.Function):
         c = x.size(1)
         xv = _grouped(x.to(stat_dtype(x)), G, g)
         m = xv.numel() // (G * g)
-        mean = xv.mean(0) if xv.dim() == 3 else xv.flatten(1, 2).mean((0, 2)).view(G, g)
+        mean = xv.mean(_sample_dims(xv))
         xa = _centred(xv, mean)
         cov = _scatter(xa, g) / m
         mask = _pad_mask(c, G, g, cov)
