@@ -69,9 +69,9 @@ class _MeanOnlyFunction(torch.autograd.Function):
     """Training-mode mean-only BN on torch's native batch-norm kernels; returns ``y`` and ``mu_B``.
 
     ``weight * (x - mu) + bias`` is batch-norm inference with mean ``mu`` and unit variance (eps 0),
-    so the forward is the native inference kernel and the backward the native inference backward
-    (``dL/dx_hat * weight``, ``dL/dweight``, ``dL/dbias`` in one pass), plus the term through
-    ``mu_B``: ``dL/dx -= weight * mean(dL/dy)`` per channel. No variance is ever computed.
+    so the forward is the native inference kernel; the backward takes ``dL/dweight`` and
+    ``dL/dbias`` from the native inference backward (one reading pass) and writes
+    ``dL/dx = weight * (dL/dy - mean(dL/dy))`` in one fused multiply-add. No variance is ever computed.
     """
 
     @staticmethod
@@ -94,8 +94,11 @@ class _MeanOnlyFunction(torch.autograd.Function):
     def backward(ctx, grad_y, _):  # noqa: ANN001, ANN205
         x, w, mean = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            grad_y.contiguous(memory_format=memory_format_of(x)),
+        # The kernel only for the per-channel sums (dL/dweight = sum dL/dy (x - mu), dL/dbias = sum dL/dy):
+        # its input gradient would take a second pass to correct for mu_B.
+        g = grad_y.contiguous(memory_format=memory_format_of(x))
+        _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g,
             x,
             w,
             mean,
@@ -104,15 +107,21 @@ class _MeanOnlyFunction(torch.autograd.Function):
             None,
             False,
             0.0,
-            [need_x, need_w, True],
+            [False, need_w, True],
         )
+        gx = None
         if need_x:
+            # dL/dx = weight * (dL/dy - mean(dL/dy)), in one pass.
+            shape = _channel_shape(x)
             m = x.numel() // x.size(1)
-            through_mean = gb / m if w is None else gb * w / m
-            gx = gx.sub_(through_mean.reshape(_channel_shape(x)).to(gx.dtype))
+            if w is None:
+                gx = g - (gb / m).reshape(shape).to(g.dtype)
+            else:
+                shift = (gb * w).div_(-m).reshape(shape).to(g.dtype)
+                gx = torch.addcmul(shift, g, w.reshape(shape).to(g.dtype))
         if gw is not None:
             gw, gb = gw.to(ctx.param_dtype), gb.to(ctx.param_dtype)
-        return gx if need_x else None, gw if need_w else None, gb if need_b else None
+        return gx, gw if need_w else None, gb if need_b else None
 
 
 class MeanOnlyBatchNorm(NormBase):
