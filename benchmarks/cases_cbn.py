@@ -63,10 +63,14 @@ class OfficialStyleCBN(nn.Module):
         return x_hat * self.weight.view(shape) + self.bias.view(shape)
 
 
-def _step(conv: nn.Module, norm: nn.Module, pass_weight: bool = False, warm: int = 0) -> Step:
+def _step(
+    conv: nn.Module, norm: nn.Module, pass_weight: bool = False, warm: int = 0, derivatives: bool = False
+) -> Step:
+    """A conv + norm training step; ``derivatives`` adds the closed-form dmu/dW and dnu/dW of the conv."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(SHAPE, generator=g).requires_grad_(True)
     grad = torch.randn(SHAPE, generator=g)
+    count = torch.tensor(float(SHAPE[0] * SHAPE[2] * SHAPE[3]))
     conv.train()
     norm.train()
 
@@ -75,6 +79,8 @@ def _step(conv: nn.Module, norm: nn.Module, pass_weight: bool = False, warm: int
         conv.zero_grad(set_to_none=True)
         norm.zero_grad(set_to_none=True)
         h = conv(x)
+        if derivatives:
+            producer_derivatives(conv, x.detach(), h.detach(), count)
         (norm(h, conv.weight) if pass_weight else norm(h)).backward(grad)
 
     for _ in range(warm):  # fill the window, so that every timed step pools the full window
@@ -104,21 +110,7 @@ def _official(window: int):
 
 def _floor() -> Step:
     """conv3x3 + BatchNorm plus the closed-form dmu/dW and dnu/dW that CBN must add: its cost floor."""
-    conv, bn = _conv(), nn.BatchNorm2d(SHAPE[1])
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(SHAPE, generator=g).requires_grad_(True)
-    grad = torch.randn(SHAPE, generator=g)
-    count = torch.tensor(float(SHAPE[0] * SHAPE[2] * SHAPE[3]))
-
-    def step() -> None:
-        x.grad = None
-        conv.zero_grad(set_to_none=True)
-        bn.zero_grad(set_to_none=True)
-        h = conv(x)
-        producer_derivatives(conv, x.detach(), h.detach(), count)
-        bn(h).backward(grad)
-
-    return step
+    return _step(_conv(), nn.BatchNorm2d(SHAPE[1]), derivatives=True)
 
 
 def _baseline() -> Step:
