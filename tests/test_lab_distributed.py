@@ -30,12 +30,17 @@ def _train(ctx: Context) -> list[float]:
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    group = Dist(rank, world)
     try:
-        values = _train(Context("tiny", 0, progress=False, dist=Dist(rank, world)))
+        values = _train(Context("tiny", 0, progress=False, dist=group))
         if rank == 0:
             Path(out).write_text(json.dumps(values))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other process may never reach it
+        raise
+    # The lab's own exit, a barrier and then leaving the group: a process that tears gloo down while
+    # the other is still in a collective can abort it ("terminate called without an active exception").
+    group.close()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
