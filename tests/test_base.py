@@ -9,16 +9,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normlab
-import normlab.base as base
-from normlab.base import (
-    Moments,
-    batch_moments,
-    channel_moments,
-    channel_stats,
-    check_input,
-    inference_affine,
-    load_statistics,
-)
+import normlab.kernels as base
+from normlab.base import Moments, batch_moments, inference_affine, load_statistics
+from normlab.checks import check_input
+from normlab.kernels import channel_moments, channel_stats
 
 
 @pytest.mark.parametrize("shape", [(7, 3), (5, 3, 4), (2, 3, 4, 5), (2, 3, 2, 3, 2)])

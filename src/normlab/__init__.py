@@ -4,17 +4,21 @@ Layers follow torch's BatchNorm conventions (see :mod:`normlab.base`); :func:`co
 into any model by name (:func:`kinds` lists the names).
 """
 
-from .base import Moments, NormBase, batch_moments, inference_affine, is_stat_norm, load_statistics
+from .adabn import adapt
+from .base import BatchStats, Moments, NormBase, batch_moments, inference_affine, is_stat_norm, load_statistics
 from .batch_renorm import BatchRenorm, Ramp, paper_schedule
 from .batchnorm import BatchNorm
 from .cross_iteration import CrossIterationBatchNorm
 from .decorrelated import DecorrelatedBatchNorm
+from .diagnostics import statistic_shift
 from .distributed import sync, unsync
-from .fold import find_pairs, fold
+from .fold import fold
+from .freezing import freeze, is_frozen, unfreeze
 from .mean_only import MeanOnlyBatchNorm
 from .normprop import NormPropConv2d, NormPropLinear, NormPropReLU, Standardize, dataset_statistics
+from .pairing import find_pairs
+from .population import recompute_statistics
 from .registry import ConversionReport, convert, kinds, register
-from .statistics import adapt, freeze, recompute_statistics, statistic_shift, unfreeze
 from .weight_norm import clip_weight_norm_, init_weight_norm, is_weight_normalized, remove_weight_norm, weight_norm
 
 __version__ = "0.1.0"
@@ -22,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "BatchRenorm",
+    "BatchStats",
     "ConversionReport",
     "CrossIterationBatchNorm",
     "DecorrelatedBatchNorm",
@@ -53,6 +58,7 @@ __all__ = [
     "find_pairs",
     "fold",
     "freeze",
+    "is_frozen",
     "recompute_statistics",
     "statistic_shift",
     "unfreeze",

@@ -1,12 +1,12 @@
-"""Shared mechanics of every normlab normalization layer.
+"""The layer base: declared tool state, the one forward skeleton, running statistics, the statistics interface.
 
 Conventions (every layer follows them; see also ``docs/conventions.md``):
 
 * Input ``(N, C, *)`` of any rank >= 2 (MLP, 1-D, 2-D, 3-D); statistics are taken over every
   dimension except the channel dimension 1, i.e. over ``m = N * prod(spatial)`` samples.
-* Constructor: ``num_features`` first; keywords ``eps``, ``momentum``, ``affine``,
-  ``track_running_stats``, ``device``, ``dtype`` with torch's meaning. ``momentum=None`` is a
-  cumulative moving average, as in :class:`torch.nn.BatchNorm2d`.
+* Constructor: ``num_features`` first; ``eps``, ``momentum``, ``affine``, ``track_running_stats``,
+  ``device``, ``dtype`` with torch's meaning and order; the variant's own options keyword-only.
+  ``momentum=None`` is a cumulative moving average, as in :class:`torch.nn.BatchNorm2d`.
 * 1-D ``weight``/``bias``; ``running_mean``, ``running_var`` (unbiased variance, as torch stores it)
   and ``num_batches_tracked`` with the meaning they have in ``nn.BatchNorm2d`` wherever the variant
   keeps them, so a torch BatchNorm checkpoint loads into the variant and back.
@@ -15,8 +15,25 @@ Conventions (every layer follows them; see also ``docs/conventions.md``):
 * Bad input raises a ``ValueError`` naming the layer, what was expected and what was given, before
   any state is touched.
 
-The statistics interface (used by :mod:`normlab.statistics`, :mod:`normlab.fold`, AdaBN and the
-distributed reductions) is three methods that each statistics-keeping layer implements:
+The forward skeleton (:meth:`NormBase.forward`) is the same for every batch-statistics layer:
+
+1. check the input (:meth:`NormBase.check_input`);
+2. in eval mode, or when frozen, normalize with the running statistics (:meth:`NormBase.normalize_running`);
+3. otherwise take the batch statistics, local or over the layer's process group, and normalize with
+   them (:meth:`NormBase.normalize_batch`, which returns the output and a :class:`BatchStats`);
+4. move the running statistics towards the batch's (:meth:`NormBase.update_running`), when training
+   and tracking them.
+
+A variant overrides only the steps its paper changes.
+
+Tool state. What :func:`normlab.freeze`, :func:`normlab.sync` and :func:`normlab.convert` change
+is declared on :class:`ToolState` (which :class:`NormBase` and :class:`normlab.BatchNorm` share):
+``frozen``, ``process_group`` and ``converted_from``, set through :meth:`ToolState.configure`;
+:func:`carry_settings` carries them from a layer to its replacement. torch's own BatchNorm layers
+declare nothing; they are frozen by a pair of forward hooks (:func:`set_frozen`).
+
+The statistics interface (used by population statistics, AdaBN, folding and the diagnostics) is
+three methods that each statistics-keeping layer implements:
 
 * :meth:`NormBase.moments` -- per-batch sufficient statistics of the layer's input,
 * :meth:`NormBase.load_statistics` -- set the inference statistics from population statistics,
@@ -28,30 +45,36 @@ and implement them for torch's own BatchNorm layers, so tools need no per-varian
 
 from __future__ import annotations
 
-import functools
-import math
+import warnings
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import checks, comm, kernels
+from .checks import check_input, check_settings, layer_name
+from .comm import resolve_group
+from .kernels import LOW_PRECISION, buffer_dtype, channel_moments, constant, ema
+
 __all__ = [
-    "NormBase",
     "Moments",
-    "check_input",
-    "channel_moments",
-    "channel_affine",
-    "global_sum",
-    "sync_group",
+    "BatchStats",
+    "ToolState",
+    "NormBase",
+    "carry_settings",
+    "settings_of",
+    "set_frozen",
+    "is_frozen",
+    "step_factor",
+    "update_running_stats",
     "is_stat_norm",
+    "stat_layers",
     "batch_moments",
     "load_statistics",
     "inference_affine",
-    "LOW_PRECISION",
 ]
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 _STAT_BUFFERS = ("running_mean", "running_var")
 
 
@@ -59,336 +82,188 @@ class Moments(NamedTuple):
     """Sufficient statistics of one batch, as a layer sees its input.
 
     ``count`` is the number of samples per channel (``m``), ``mean`` the batch mean and ``var`` the
-    *biased* second central moment: a per-channel variance ``(C,)`` for channel-wise layers, or
-    whatever the layer whitens with (e.g. per-group covariances) for decorrelating ones. Tools only
-    average ``mean``/``var`` over batches and rescale ``var``; its shape is the layer's business.
+    *biased* second central moment: a per-channel variance ``(C,)`` for channel-wise layers. A layer
+    that whitens with something else (per-group covariances) returns a subclass whose
+    :meth:`outer` and :meth:`marginal_var` know that layout; tools use only these two methods.
     """
 
     count: int
     mean: Tensor
     var: Tensor
 
+    def outer(self, delta: Tensor) -> Tensor:
+        """``delta delta^T`` of a mean difference in the layout of ``var`` (elementwise here)."""
+        if self.var.shape != delta.shape:
+            raise ValueError(
+                f"exact pooling: expected a per-channel variance of the mean's shape {tuple(delta.shape)}, "
+                f"got shape {tuple(self.var.shape)}"
+            )
+        return delta * delta
 
-def _layer_name(module: nn.Module | str) -> str:
-    return module if isinstance(module, str) else type(module).__name__
+    def marginal_var(self) -> Tensor:
+        """The per-channel variances ``(C,)`` (the diagonal, for layouts with covariances)."""
+        return self.var.reshape(-1)
 
 
-def check_input(module: nn.Module | str, x: Tensor, num_features: int, training: bool) -> None:
-    """Raise a clear ``ValueError`` unless ``x`` is ``(N, num_features, *)`` and usable.
+class BatchStats(NamedTuple):
+    """What a training step measured, for its running-statistics update.
 
-    In training with batch statistics, at least two values per channel are required (the batch
-    variance of a single value is zero and its normalization meaningless).
+    ``mean`` and the *biased* ``var`` over ``count`` samples (the global batch when synchronized);
+    ``extra`` holds what a variant's update needs besides (e.g. a whitening matrix).
     """
-    name = _layer_name(module)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor input, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(
-            f"{name}: expected input of shape (N, {num_features}, *) with at least 2 dimensions, "
-            f"got shape {tuple(x.shape)}"
+
+    mean: Tensor
+    var: Tensor | None
+    count: Tensor | float
+    extra: tuple[Any, ...] = ()
+
+
+# --------------------------------------------------------------------------------------- tool state
+class ToolState:
+    """The settings that normlab's tools change on a layer, declared with their meaning.
+
+    * ``frozen`` (see :func:`normlab.freeze`): normalize with the running statistics in training
+      too, and keep them fixed; ``weight``/``bias`` still train.
+    * ``process_group`` (see :func:`normlab.sync`): ``None`` for local batch statistics, or the
+      :class:`normlab.comm.GroupRef` (or torch ``ProcessGroup``) to take them over.
+    * ``converted_from``: the class the layer was converted from (the first of a chain of
+      conversions), so that ``convert(model, "bn")`` restores torch's own class; ``None`` if built
+      directly.
+    """
+
+    frozen: bool = False
+    process_group: Any | None = None
+    converted_from: type | None = None
+
+    def _init_tool_state(self) -> None:
+        self.frozen = False
+        self.process_group = None
+        self.converted_from = None
+
+    def configure(
+        self,
+        *,
+        frozen: bool | None = None,
+        process_group: Any | None = ...,  # type: ignore[assignment]
+        converted_from: type | None = ...,  # type: ignore[assignment]
+    ) -> ToolState:
+        """Set any of the tool settings (unnamed ones are kept); returns the layer."""
+        if frozen is not None:
+            if not isinstance(frozen, bool):
+                raise TypeError(f"{layer_name(self)}: expected frozen to be a bool, got {type(frozen).__name__}")
+            self.frozen = frozen
+        if process_group is not ...:
+            self.process_group = process_group
+        if converted_from is not ...:
+            if converted_from is not None and not isinstance(converted_from, type):
+                raise TypeError(f"{layer_name(self)}: expected converted_from to be a class or None")
+            self.converted_from = converted_from
+        return self
+
+    def sync_group(self) -> Any | None:
+        """The torch process group to synchronize batch statistics over now, or ``None``."""
+        return resolve_group(self.process_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Models pickled before the settings were declared stored the origin under another name.
+        if "_normlab_origin" in state:
+            state.setdefault("converted_from", state.pop("_normlab_origin"))
+        state.setdefault("frozen", False)
+        state.setdefault("process_group", None)
+        state.setdefault("converted_from", None)
+        super().__setstate__(state)  # type: ignore[misc]
+
+
+class _FrozenHooks:
+    """Runs a torch BatchNorm in eval mode while its model trains (the state :func:`set_frozen` sets).
+
+    Registered as the layer's forward pre-hook and as its always-called forward hook, which sets the
+    training flag back (also when the forward raises). It keeps its own hook handles, which deep copies
+    and pickles carry along with the layer, so :func:`set_frozen` removes it from a copy as well.
+    """
+
+    def __init__(self) -> None:
+        self.handles: tuple[Any, ...] = ()
+        self.switched = False
+
+    def pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.switched = module.training
+        module.training = False
+
+    def post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.switched:
+            module.training = True
+            self.switched = False
+
+
+def _frozen_hooks(module: nn.Module) -> _FrozenHooks | None:
+    for hook in module._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, _FrozenHooks):
+            return owner
+    return None
+
+
+def set_frozen(module: nn.Module, frozen: bool) -> None:
+    """Freeze or unfreeze one statistics-keeping layer (normlab's by its setting, torch's by hooks)."""
+    if isinstance(module, ToolState):
+        module.configure(frozen=frozen)
+        return
+    hooks = _frozen_hooks(module)
+    if frozen and hooks is None:
+        hooks = _FrozenHooks()
+        hooks.handles = (
+            module.register_forward_pre_hook(hooks.pre),
+            module.register_forward_hook(hooks.post, always_call=True),
         )
-    if x.size(1) != num_features:
-        raise ValueError(
-            f"{name}: expected {num_features} channels in dimension 1 (input (N, {num_features}, *)), "
-            f"got shape {tuple(x.shape)} with {x.size(1)} channels"
-        )
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point input, got dtype {x.dtype}")
-    if training and x.numel() // max(num_features, 1) <= 1:
-        raise ValueError(
-            f"{name}: expected more than 1 value per channel when training, got input of shape "
-            f"{tuple(x.shape)}"
-        )
+    elif not frozen and hooks is not None:
+        for handle in hooks.handles:
+            handle.remove()
 
 
-def reduce_dims(x: Tensor) -> list[int]:
-    """All dimensions of ``x`` but the channel dimension 1."""
-    return [0, *range(2, x.dim())]
+def is_frozen(module: nn.Module) -> bool:
+    """Whether ``module`` is a statistics-keeping layer that is frozen (see :func:`normlab.freeze`)."""
+    if not is_stat_norm(module):
+        return False
+    if isinstance(module, ToolState):
+        return bool(module.frozen)
+    return _frozen_hooks(module) is not None
 
 
-def buffer_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
-    """The dtype of statistics kept for a layer of ``dtype``: float32 for half/bfloat16."""
-    return torch.float32 if dtype in LOW_PRECISION else dtype
+def settings_of(module: nn.Module) -> dict[str, Any]:
+    """The tool settings of any normalization layer, as :meth:`ToolState.configure` takes them."""
+    if isinstance(module, ToolState):
+        return {
+            "frozen": module.frozen,
+            "process_group": module.process_group,
+            "converted_from": module.converted_from or type(module),
+        }
+    return {"frozen": is_frozen(module), "process_group": None, "converted_from": type(module)}
 
 
-def stat_dtype(x: Tensor) -> torch.dtype:
-    """The dtype statistics are computed in: float32 for half/bfloat16 inputs."""
-    return buffer_dtype(x.dtype)
+def carry_settings(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give ``dst`` (the replacement of ``src``) the tool settings of ``src``; returns ``dst``.
 
-
-def sync_group(module: nn.Module) -> Any | None:
-    """The process group ``module`` synchronizes its batch statistics over, or ``None``.
-
-    ``None`` unless the module has a ``process_group`` set (see :func:`normlab.sync`), torch.distributed
-    is initialized and the group has more than one process: outside a process group (or with world
-    size 1) layers behave exactly as unsynchronized. ``process_group`` is a torch ``ProcessGroup`` or
-    a :class:`normlab.distributed.GroupRef` (what :func:`normlab.sync` sets: it deep-copies and
-    pickles, and the default group is looked up when used, so a model may be synchronized before
-    ``init_process_group``).
+    The one helper that convert and sync use: ``frozen``, ``process_group`` and the original class
+    are carried onto a normlab layer; onto a torch BatchNorm only ``frozen`` (it declares nothing,
+    and its own ``process_group``, if any, is its constructor's).
     """
-    group = getattr(module, "process_group", None)
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return None
-    from .distributed import GroupRef  # lazy: distributed.py imports this module
-
-    if isinstance(group, GroupRef):
-        group = group.resolve()
-    return group if dist.get_world_size(group) > 1 else None
+    settings = settings_of(src)
+    if isinstance(dst, ToolState):
+        dst.configure(**settings)
+    elif settings["frozen"] and is_stat_norm(dst):
+        set_frozen(dst, True)
+    return dst
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the processes of a group; the backward sums the gradients over the processes.
+# --------------------------------------------------------------------------------------- the layer base
+class NormBase(ToolState, nn.Module):
+    """Base class of normlab's statistics-keeping layers: parameters, buffers, the forward skeleton.
 
-    With ``y = sum_p x_p`` on every process and the total loss ``sum_p L_p``, the gradient to
-    ``x_q`` is ``sum_p dL_p/dy``: the all_reduce of the incoming gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:  # noqa: ANN001
-        ctx.group = group
-        x = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
-        return _AllReduceSum.apply(grad, ctx.group), None
-
-
-def global_sum(tensors: list[Tensor], group: Any | None) -> list[Tensor]:
-    """Sum each tensor over the processes of ``group`` (identity when ``group`` is ``None``).
-
-    The one reduction of normlab's synchronized statistics (sums of ``x``, ``x^2``, ``x x^T`` and the
-    sample count). Differentiable: the backward of a sum over processes is the sum over processes
-    of the gradients, which is what makes synchronized statistics give the gradients of the whole
-    batch. All tensors travel in one ``all_reduce``, in their promoted dtype, and come back in their
-    own dtypes and shapes.
-    """
-    if group is None:
-        return tensors
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    flat = _AllReduceSum.apply(torch.cat([t.reshape(-1).to(dtype) for t in tensors]), group)
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view(t.shape).to(t.dtype))
-        offset += t.numel()
-    return out
-
-
-def check_global_count(count: Tensor, module: nn.Module | str, x: Tensor) -> None:
-    """Raise (on every process alike) unless the group's batch has more than one value per channel."""
-    if not bool(count > 1):
-        raise ValueError(
-            f"{_layer_name(module)}: expected more than 1 value per channel over the process group when "
-            f"training, got {int(count)} in all (this process: input of shape {tuple(x.shape)})"
-        )
-
-
-def accumulation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # Sums of x and x^2 over a global batch lose the variance to cancellation (and the count its
-    # exactness above 2^24) in float32: accumulate in float64 where the device has it.
-    if dtype == torch.float32 and device.type in ("cpu", "cuda"):
-        return torch.float64
-    return dtype
-
-
-# Bytes per chunk of channel_stats' two-pass path: a chunk stays in cache between its two passes.
-_CHUNK_BYTES = 1 << 21
-
-
-def two_pass_stats(x: Tensor) -> bool:
-    """Whether :func:`channel_stats` computes the statistics of ``x`` in its own two passes."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and x.dim() > 2
-        and x.is_contiguous()
-        and x.numel() > x.size(0) * x.size(1)  # samples, and a spatial extent
-    )
-
-
-def _native_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    if x.dtype in (torch.float32, torch.float64):
-        return torch.batch_norm_update_stats(x, None, None, 0.0)
-    # Given float32 running buffers, torch's kernel returns float32 statistics (without, they would be
-    # rounded to x's dtype); momentum 0 leaves these scratch buffers as they were.
-    scratch = torch.empty(2, x.size(1), device=x.device)
-    return torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0)
-
-
-def channel_stats(x: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of ``x`` ``(N, C, *)``, without autograd.
-
-    The statistics of torch's batch norm (float32 for half inputs). On CPU, torch's batch-norm
-    statistics kernel walks NCHW-contiguous inputs with a spatial extent at 2-3x the time of a plain
-    sum; for those (:func:`two_pass_stats`), two passes over cache-sized chunks of samples (the sum,
-    then the sum of squared deviations from the chunk's mean; chunks combined as in Chan, Golub and
-    LeVeque 1979) give the same statistics faster. Elsewhere (2-D, channels_last, half, GPU) torch's
-    kernel. ``scratch``, a contiguous buffer shaped like ``x`` that may be overwritten (say the output
-    about to be written), spares the two-pass path its temporary (at most a chunk).
-    """
-    return _two_pass_stats(x, scratch) if two_pass_stats(x) else _native_stats(x)
-
-
-def stats_and_output_buffer(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`channel_stats` of ``x``, and the buffer that served as its scratch, for the output.
-
-    The buffer (``None`` where torch's kernel computed the statistics) is what a caller passes as
-    ``out`` to :func:`inference_batch_norm`, so the two-pass statistics cost no extra memory.
-    """
-    if not two_pass_stats(x):
-        return (*_native_stats(x), None)
-    out = torch.empty_like(x)
-    return (*_two_pass_stats(x, out), out)
-
-
-def inference_batch_norm(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    eps: float,
-    out: Tensor | None = None,
-) -> Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` on torch's inference kernel, into ``out`` if given."""
-    if out is None:
-        return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
-    unused = mean.new_empty(0)  # the kernel's saved statistics, empty in inference
-    return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps, out=(out, unused, unused.clone()))[0]
-
-
-def _two_pass_stats(x: Tensor, scratch: Tensor | None) -> tuple[Tensor, Tensor]:
-    dims = reduce_dims(x)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    rows = max(1, _CHUNK_BYTES // (x[0].numel() * x.element_size()))
-    if scratch is None or scratch.shape != x.shape or not scratch.is_contiguous():
-        scratch = torch.empty_like(x[:rows], memory_format=torch.contiguous_format)
-    if rows >= x.size(0):
-        m = x.numel() // x.size(1)
-        mean = x.sum(dims).div_(m)
-        return mean, torch.sub(x, mean.view(shape), out=scratch).square_().sum(dims).div_(m)
-    sums, m2s, counts = [], [], []
-    for start, chunk in zip(range(0, x.size(0), rows), x.split(rows)):
-        buffer = scratch[start : start + rows] if scratch.size(0) == x.size(0) else scratch[: chunk.size(0)]
-        m = chunk.numel() // chunk.size(1)
-        s = chunk.sum(dims)
-        m2s.append(torch.sub(chunk, (s / m).view(shape), out=buffer).square_().sum(dims))
-        sums.append(s)
-        counts.append(m)
-    sums, m2s = torch.stack(sums), torch.stack(m2s)
-    count = torch.tensor(counts, dtype=x.dtype).unsqueeze(1)
-    total = x.numel() // x.size(1)
-    mean = sums.sum(0).div_(total)
-    spread = torch.sub(sums / count, mean).square_().mul_(count).sum(0)
-    return mean, m2s.sum(0).add_(spread).div_(total)
-
-
-class _LocalMoments(torch.autograd.Function):
-    """Per-channel mean and biased variance of ``x`` ``(N, C, *)`` by :func:`channel_stats`, differentiable.
-
-    ``torch.var_mean`` over the non-channel dimensions is 3-25x slower on CPU than
-    :func:`channel_stats`, which has no autograd formula; the backward is
-    ``dx = (g_mean + 2 g_var (x - mean)) / m``. Twice differentiable: under ``create_graph`` the
-    backward recomputes the mean from ``x`` so that its dependency on ``x`` is in the graph.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
-        mean, var = channel_stats(x)
-        ctx.save_for_backward(x, mean)
-        return mean, var
-
-    @staticmethod
-    def backward(ctx, g_mean: Tensor, g_var: Tensor) -> Tensor:  # noqa: ANN001
-        x, mean = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            mean = x.mean(reduce_dims(x))
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        m = x.numel() // x.size(1)
-        return torch.addcmul((g_mean / m).reshape(shape), x - mean.reshape(shape), (g_var * (2 / m)).reshape(shape))
-
-
-def channel_moments(
-    x: Tensor, group: Any | None = None, module: nn.Module | str = "channel_moments"
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel batch mean, biased variance and sample count of ``x`` (differentiable).
-
-    Computed in float32 for half/bfloat16 inputs. With a process ``group`` the statistics are
-    those of the global batch: the count, sum and sum of squares (in float64 for float32
-    statistics) travel in one all_reduce, so processes with uneven or empty batches are weighted by
-    their counts. The sample-count check is then on the global batch: a ``ValueError``
-    (raised on every process alike, naming ``module``) unless there is more than one value per
-    channel in all.
-    """
-    sdt = stat_dtype(x)
-    dims = reduce_dims(x)
-    local = float(x.numel() // max(x.size(1), 1))
-    if group is None:
-        if local > 0:
-            mean, var = _LocalMoments.apply(x.to(sdt))
-        else:  # no samples: NaN statistics, as var_mean gives (callers check the count first)
-            var, mean = torch.var_mean(x.to(sdt), dim=dims, correction=0)
-        return mean, var, torch.tensor(local, dtype=sdt, device=x.device)
-    acc = accumulation_dtype(sdt, x.device)
-    if local > 0:
-        # The local sums of x and x^2 from the local mean and variance (torch's stable kernel): raw
-        # float32 squares of values far from zero would already have lost the variance.
-        mean, var = _LocalMoments.apply(x.to(sdt))
-        mean, var = mean.to(acc), var.to(acc)
-        s, ss = mean * local, (var + mean * mean) * local
-    else:
-        # Zeros that still depend on x, so that this process joins the all_reduce of the backward.
-        s = ss = x.to(sdt).sum(dims, dtype=acc)
-    count = torch.full((1,), local, dtype=acc, device=x.device)
-    s, ss, count = global_sum([s, ss, count], group)
-    count = count.reshape(())
-    check_global_count(count, module, x)
-    mean = s / count
-    var = (ss / count - mean * mean).clamp_min(0)
-    return mean.to(sdt), var.to(sdt), count.to(sdt)
-
-
-def constant(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A 0-d tensor holding ``value``, made once per (value, device, dtype); never modify it.
-
-    A Python number in a tensor op costs a tensor allocation per call, as much as a small op itself;
-    per-step constants (eps, fixed bounds, the step increment) are made once instead.
-    """
-    if torch.compiler.is_compiling():  # traced as a graph constant
-        return torch.tensor(value, device=device, dtype=dtype)
-    return _cached_constant(value, device, dtype)
-
-
-@functools.lru_cache(maxsize=512)
-def _cached_constant(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return torch.tensor(value, device=device, dtype=dtype)
-
-
-def memory_format_of(x: Tensor) -> torch.memory_format:
-    """The memory format ``x`` is laid out in (channels_last for 4-D/5-D NHWC tensors)."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def channel_affine(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``(x - mean) * invstd * weight + bias`` along dimension 1, in ``x``'s dtype."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    scale = invstd if weight is None else invstd * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
-    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)).to(x.dtype)
-
-
-class NormBase(nn.Module):
-    """Base class of normlab's statistics-keeping layers: parameters, buffers, checks and updates.
-
-    Subclasses implement ``forward`` with the helpers here and, for the tools, :meth:`moments`,
-    :meth:`load_statistics` and :meth:`inference_affine` where the channel-wise defaults do not fit.
+    A subclass supplies what its paper changes: :meth:`normalize_batch` (the training-mode
+    normalization with batch statistics), and where they differ from batch normalization
+    :meth:`normalize_running`, :meth:`update_running` and, for the tools, :meth:`moments`,
+    :meth:`load_statistics` and :meth:`inference_affine`.
     """
 
     _version = 2  # same state-dict version as torch's BatchNorm (num_batches_tracked present)
@@ -404,21 +279,14 @@ class NormBase(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        name = type(self).__name__
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"{name}: expected num_features to be a positive int, got {num_features!r}")
-        if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
-            raise ValueError(f"{name}: expected eps to be a finite number >= 0, got {eps!r}")
-        if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
-            raise ValueError(f"{name}: expected momentum in [0, 1] or None, got {momentum!r}")
+        check_settings(type(self).__name__, num_features, eps, momentum)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = float(eps)
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        self.frozen = False  # see normlab.freeze: use running statistics in training, keep them fixed
-        self.process_group: Any | None = None  # see normlab.sync
+        self._init_tool_state()
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -429,14 +297,40 @@ class NormBase(nn.Module):
             sdt = buffer_dtype(dtype)
             self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=sdt))
             self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=sdt))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
+
+    # ----------------------------------------------------------------------------- the forward skeleton
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalize ``x`` ``(N, C, *)``: the steps of the module docstring, in that order."""
+        batch = self.use_batch_stats()
+        group = self.sync_group() if batch else None
+        # Synchronized, the sample-count check is on the global batch (a process may hold one
+        # sample or none), in the reduction itself.
+        self.check_input(x, batch and group is None)
+        if not batch:
+            return self.normalize_running(x)
+        y, stats = self.normalize_batch(x, group)
+        if self.updates_running_stats():
+            with torch.no_grad():
+                self.update_running(stats)
+        return y
+
+    def normalize_running(self, x: Tensor) -> Tensor:
+        """Eval mode (or frozen): batch normalization with the running statistics."""
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
+        """Training mode: normalize with the batch statistics (global over ``group`` when given)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define normalize_batch")
+
+    def update_running(self, stats: BatchStats) -> None:
+        """Move the running statistics towards this batch's (called without grad mode)."""
+        update_running_stats(self, stats.mean, stats.var, stats.count)
 
     # ----------------------------------------------------------------------------- state
     def reset_running_stats(self) -> None:
@@ -483,12 +377,17 @@ class NormBase(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def adopt(self, source: nn.Module, copied: list[str]) -> None:
+        """Finish a conversion from ``source``, whose tensors ``copied`` were carried over (override to derive more)."""
+
     # ----------------------------------------------------------------------------- helpers
-    def check_input(self, x: Tensor) -> None:
-        """Validate ``x`` for this layer (shape, channels, dtype, batch size in training)."""
-        # Under synchronization the sample-count check is done on the global batch (a process may
-        # hold one sample or none), in channel_moments.
-        training = self.use_batch_stats() and self.sync_group() is None
+    def check_input(self, x: Tensor, training: bool | None = None) -> None:
+        """Validate ``x`` for this layer (shape, channels, dtype and, if ``training``, the batch size).
+
+        ``training`` defaults to whether this forward takes local batch statistics.
+        """
+        if training is None:
+            training = self.use_batch_stats() and self.sync_group() is None
         check_input(self, x, self.num_features, training)
 
     def use_batch_stats(self) -> bool:
@@ -500,10 +399,6 @@ class NormBase(nn.Module):
     def updates_running_stats(self) -> bool:
         """Whether this forward moves the running statistics."""
         return self.training and self.track_running_stats and not self.frozen
-
-    def sync_group(self) -> Any | None:
-        """The process group to synchronize batch statistics over, or ``None``."""
-        return sync_group(self)
 
     def step_factor(self) -> Tensor | float:
         """Increment ``num_batches_tracked`` and return this step's averaging factor (:func:`step_factor`)."""
@@ -534,6 +429,7 @@ class NormBase(nn.Module):
         return _bn_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
 
+# --------------------------------------------------------------------------------------- running statistics
 def step_factor(module: nn.Module) -> Tensor | float:
     """Increment ``module.num_batches_tracked`` and return this step's averaging factor.
 
@@ -560,15 +456,6 @@ def update_running_stats(module: nn.Module, mean: Tensor, var: Tensor, count: Te
     ema(module.running_var, var * (count / (count - 1)), factor)
 
 
-@torch.no_grad()
-def ema(running: Tensor, value: Tensor, factor: Tensor | float) -> None:
-    """In place ``running <- (1 - factor) * running + factor * value`` (in ``running``'s dtype)."""
-    value = value.detach().to(running.dtype)
-    if isinstance(factor, Tensor):
-        factor = factor.to(running.dtype)
-    running.lerp_(value, factor)
-
-
 def _bn_affine(
     mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor]:
@@ -583,7 +470,7 @@ def _bn_affine(
     return scale, shift
 
 
-# --------------------------------------------------------------------------------- dispatch
+# --------------------------------------------------------------------------------------- statistics interface
 def _is_torch_bn(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
@@ -593,6 +480,14 @@ def is_stat_norm(module: nn.Module) -> bool:
     if _is_torch_bn(module) or isinstance(module, NormBase):
         return bool(getattr(module, "track_running_stats", False)) and module.running_mean is not None
     return False
+
+
+def stat_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The statistics-keeping normalization layers of ``model`` (:func:`is_stat_norm`), by qualified name.
+
+    A layer shared by several parents is listed once, under its first name.
+    """
+    return [(name, m) for name, m in model.named_modules() if is_stat_norm(m)]
 
 
 def _require_stat_norm(module: nn.Module) -> None:
@@ -632,3 +527,34 @@ def inference_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
     if isinstance(module, NormBase):
         return module.inference_affine()
     return _bn_affine(module.running_mean, module.running_var, module.weight, module.bias, module.eps)
+
+
+# --------------------------------------------------------------------------------------- moved names
+# Helpers that lived here before the kernels, checks and communication got their own modules.
+_MOVED = {
+    **{name: kernels for name in kernels.__all__},
+    "check_input": checks,
+    "check_global_count": checks,
+    "global_sum": comm,
+}
+
+
+def sync_group(module: nn.Module) -> Any | None:
+    """Deprecated: ``module.sync_group()`` (or :func:`normlab.comm.resolve_group` of its setting)."""
+    warnings.warn(
+        "normlab.base.sync_group is deprecated; use layer.sync_group() or "
+        "normlab.comm.resolve_group(layer.process_group)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return resolve_group(getattr(module, "process_group", None))
+
+
+def __getattr__(name: str) -> Any:
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"normlab.base.{name} is deprecated; import it from {module.__name__}", DeprecationWarning, stacklevel=2
+    )
+    return getattr(module, name)

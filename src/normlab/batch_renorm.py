@@ -18,14 +18,6 @@ statistics. With ``r_max = 1, d_max = 0`` training is exactly batch normalizatio
 Storage: ``sigma`` is kept as ``running_var = sigma^2 - eps`` so that ``running_var`` has its
 BatchNorm meaning (eval is ``F.batch_norm`` with it) and BatchNorm checkpoints interchange.
 
-Speed: ``y = (x - mu_B) / sigma_B * (gamma r) + (gamma d + beta)`` is batch normalization with the
-weight ``gamma r`` and bias ``gamma d + beta``, so the backward is torch's native batch-norm
-backward kernel; the forward computes the statistics once (:func:`normlab.base.channel_stats`)
-and applies torch's inference kernel with the folded affine. The gradient to gamma is
-``r * dL/d(gamma r) + d * dL/d(gamma d + beta)``. The per-channel work (r, d, the folded affine, the
-moving statistics) is a few small ops on cached constants, since at small shapes their dispatch
-costs as much as the kernels.
-
 The paper's schedule (r_max = 1, d_max = 0 for 5k steps, then linear to r_max = 3 at 40k and
 d_max = 5 at 25k steps) is :func:`paper_schedule`; ``r_max``/``d_max`` accept any callable of the
 step count (``num_batches_tracked``, a tensor) that returns a tensor or float.
@@ -34,6 +26,7 @@ step count (``num_batches_tracked``, a tensor) that returns a tensor or float.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,21 +35,103 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import (
-    NormBase,
+from .base import BatchStats, NormBase
+from .checks import check_input, keyword_options
+from .dispatch import FusedStep
+from .kernels import (
     channel_affine,
     channel_moments,
-    check_input,
     constant,
     inference_batch_norm,
     memory_format_of,
     stats_and_output_buffer,
 )
-from .registry import build_normbase, register
 
 __all__ = ["BatchRenorm", "Ramp", "paper_schedule", "batch_renorm"]
 
 Limit = float | Callable[[Tensor], Tensor | float]
+
+
+_LEGACY_ORDER = ("eps", "momentum", "affine", "track_running_stats", "r_max", "d_max", "device", "dtype")
+
+
+def _legacy_order(args: tuple[Any, ...]) -> bool:
+    # Before the options were keyword-only, r_max came right after track_running_stats.
+    return len(args) > 4 and (callable(args[4]) or isinstance(args[4], (int, float)))
+
+
+class BatchRenorm(NormBase):
+    """Batch Renormalization over inputs ``(N, C, *)`` (Ioffe 2017); see the module docstring.
+
+    Args:
+        num_features: ``C``.
+        eps: added to the variance.
+        momentum: rate of the moving mean and standard deviation (the paper's ``alpha``); ``None``
+            for a cumulative average. The default 0.01 is the paper's.
+        affine: learnable ``gamma``/``beta``.
+        track_running_stats: must be ``True``: the corrections need the moving statistics.
+        r_max: bound of ``r`` (>= 1): a number, or a callable of the step count such as
+            ``paper_schedule()["r_max"]``.
+        d_max: bound of ``|d|`` (>= 0): a number or a callable of the step count.
+
+    ``running_mean``/``running_var``/``num_batches_tracked`` mean what they mean in BatchNorm2d.
+    """
+
+    @keyword_options(_LEGACY_ORDER, _legacy_order)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.01,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        r_max: Limit = 3.0,
+        d_max: Limit = 5.0,
+    ) -> None:
+        if not track_running_stats:
+            raise ValueError(
+                "BatchRenorm: expected track_running_stats=True (r and d are corrections towards the "
+                "moving statistics), got track_running_stats=False"
+            )
+        if not callable(r_max) and not (isinstance(r_max, (int, float)) and r_max >= 1):
+            raise ValueError(f"BatchRenorm: expected r_max >= 1 or a callable of the step, got {r_max!r}")
+        if not callable(d_max) and not (isinstance(d_max, (int, float)) and d_max >= 0):
+            raise ValueError(f"BatchRenorm: expected d_max >= 0 or a callable of the step, got {d_max!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.r_max = r_max
+        self.d_max = d_max
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
+
+    def limits(self) -> tuple[Tensor | float, Tensor | float]:
+        """This step's ``(r_max, d_max)``: the schedule at ``num_batches_tracked`` steps done."""
+        r_max, d_max = self.r_max, self.d_max
+        if callable(r_max):
+            r_max = r_max(self.num_batches_tracked)
+        if callable(d_max):
+            d_max = d_max(self.num_batches_tracked)
+        return r_max, d_max
+
+    # ----------------------------------------------------------------------------- the paper's steps
+    # The running statistics are always tracked, so the batch's are used exactly when they move
+    # (training, not frozen); eval and frozen layers are BatchNorm's inference with them.
+    def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
+        r_max, d_max = self.limits()
+        y, mean, sigma_b, sigma = _train_step(
+            x, self.weight, self.bias, self.running_mean, self.running_var, r_max, d_max, self.eps, group
+        )
+        return y, BatchStats(mean, None, x.numel() // x.size(1), (sigma_b, sigma))
+
+    def update_running(self, stats: BatchStats) -> None:
+        factor = self.step_factor()
+        if isinstance(factor, Tensor):
+            factor = factor.to(self.running_mean.dtype)
+        sigma_b, sigma = stats.extra
+        _move_running(self.running_mean, self.running_var, stats.mean, sigma, sigma_b, factor, self.eps)
 
 
 @dataclass(frozen=True)
@@ -87,6 +162,99 @@ def paper_schedule(scale: float = 1.0) -> dict[str, Ramp]:
         "r_max": Ramp(1.0, 3.0, 5000 * scale, 40000 * scale),
         "d_max": Ramp(0.0, 5.0, 5000 * scale, 25000 * scale),
     }
+
+
+# ----------------------------------------------------------------------------------- functional core
+_UNSET: Any = object()
+
+
+def batch_renorm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = _UNSET,
+    momentum: float | Tensor | None = _UNSET,
+    eps: float = 1e-5,
+    *legacy: Any,
+    r_max: Tensor | float = 3.0,
+    d_max: Tensor | float = 5.0,
+    process_group: Any | None = None,
+) -> Tensor:
+    """Batch renormalization of ``x`` ``(N, C, *)``, in ``F.batch_norm``'s shape.
+
+    ``training=False``: batch normalization with the running statistics. ``training=True``: the
+    paper's training step (global batch statistics over ``process_group``), and with ``momentum``
+    (default 0.01, the paper's) ``running_mean`` and ``running_var`` are updated in place: ``mu`` and
+    ``sigma = sqrt(running_var + eps)`` move towards ``mu_B`` and ``sigma_B`` at that rate;
+    ``momentum=None`` leaves them as they are.
+
+    Deprecated: the earlier form ``batch_renorm(x, running_mean, running_var, weight, bias, r_max,
+    d_max, eps, momentum, group)``, which always trained and updated only with a ``momentum``, is
+    still accepted (positional limits, or no ``training``) with a ``DeprecationWarning``.
+    """
+    if training is _UNSET or not isinstance(training, bool):
+        old = (training, momentum, eps, *legacy)
+        names = ("r_max", "d_max", "eps", "momentum", "group")
+        given = {k: v for k, v in zip(names, old) if v is not _UNSET}
+        warnings.warn(
+            "batch_renorm without training=, or with r_max/d_max positional, is deprecated; the "
+            "arguments now follow F.batch_norm: (x, running_mean, running_var, weight, bias, training, "
+            "momentum, eps, *, r_max, d_max, process_group)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        r_max, d_max = given.get("r_max", r_max), given.get("d_max", d_max)
+        eps, momentum = given.get("eps", 1e-5), given.get("momentum", None)
+        process_group = given.get("group", process_group)
+        training = True
+    elif legacy:
+        raise TypeError(f"batch_renorm: expected at most 8 positional arguments, got {8 + len(legacy)}")
+    if momentum is _UNSET:
+        momentum = 0.01
+    if not training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    check_input("batch_renorm", x, running_mean.numel(), process_group is None)
+    y, mean, sigma_b, sigma = _train_step(
+        x, weight, bias, running_mean, running_var, r_max, d_max, eps, process_group
+    )
+    if momentum is not None:
+        if isinstance(momentum, Tensor):
+            momentum = momentum.to(running_mean.dtype)
+        with torch.no_grad():
+            _move_running(running_mean, running_var, mean, sigma, sigma_b, momentum, eps)
+    return y
+
+
+# ----------------------------------------------------------------------------------- kernels
+def _train_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    r_max: Tensor | float,
+    d_max: Tensor | float,
+    eps: float,
+    group: Any | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mu_B, sigma_B, sigma)`` of one training step (the running statistics are not moved).
+
+    Locally the fused step below; over a process group the same maths composed of differentiable
+    ops on the global statistics.
+    """
+    bounds = _bounds(r_max, d_max, running_mean)
+    if group is None:
+        return _STEP(x, weight, bias, running_mean, running_var, *bounds, eps)[:4]
+    mean, var, _ = channel_moments(x, group, "BatchRenorm")
+    sigma_b = torch.sqrt(var + eps)
+    with torch.no_grad():
+        sigma = torch.sqrt(running_var + eps)
+    r, d = renorm_corrections(mean.detach(), sigma_b.detach(), running_mean, sigma, bounds)
+    w_eff, b_eff = _folded_affine(weight, bias, r, d)
+    y = channel_affine(x, mean, 1 / sigma_b, w_eff, b_eff)
+    return y, mean.detach(), sigma_b.detach(), sigma
 
 
 def _bounds(r_max: Tensor | float, d_max: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -141,6 +309,15 @@ def _move_running(
     torch.addcmul(neg_eps, sigma, sigma, out=running_var).clamp_min_(0)
 
 
+# The local step. ``y = (x - mu_B) / sigma_B * (gamma r) + (gamma d + beta)`` is batch normalization
+# with the weight ``gamma r`` and bias ``gamma d + beta``, so the backward is torch's native
+# batch-norm backward kernel; the forward computes the statistics once (kernels.channel_stats) and
+# applies torch's inference kernel with the folded affine. The gradient to gamma is
+# ``r * dL/d(gamma r) + d * dL/d(gamma d + beta)``. The per-channel work (r, d, the folded affine,
+# the moving statistics) is a few small ops on cached constants, since at small shapes their
+# dispatch costs as much as the kernels. Under torch.compile the step is a custom op, so the
+# compiled backward reads the r, d and statistics saved by the forward and never recomputes them
+# from the running buffers, which the same step updates in place.
 def _train_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -169,36 +346,22 @@ def _train_forward(
     return y, mean, sigma_b, sigma, r, d, w_eff.clone() if w_eff is r else w_eff
 
 
-# Under torch.compile the step is a custom op with its own backward: opaque to the compiler, so
-# the compiled backward reads the r, d and statistics saved by the forward and never recomputes
-# them from the running buffers, which the same step updates in place. In eager mode the same
-# forward and backward run as an autograd.Function, which dispatches with less overhead.
-_renorm_train = torch.library.custom_op("normlab::batch_renorm_train", _train_forward, mutates_args=())
-
-
-@_renorm_train.register_fake
-def _(x, weight, bias, running_mean, running_var, r_lo, r_hi, d_lo, d_hi, eps):  # noqa: ANN001, ANN202
+def _step_fake(x, weight, bias, running_mean, running_var, r_lo, r_hi, d_lo, d_hi, eps):  # noqa: ANN001, ANN202
     stat = running_mean.new_empty(running_mean.shape)
     y = torch.empty_like(x)
     return y, stat, stat.clone(), stat.clone(), stat.clone(), stat.clone(), stat.clone()
 
 
-def _save_for_backward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, output) -> None:  # noqa: ANN001
-    """What :func:`_renorm_backward` reads, from the inputs and outputs of :func:`_train_forward`."""
-    _, mean, sigma_b, _, r, d, w_eff = output
+def _step_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest: tuple, outputs) -> None:  # noqa: ANN001
+    """What :func:`_step_backward` reads, from the inputs and outputs of :func:`_train_forward`."""
+    _, mean, sigma_b, _, r, d, w_eff = outputs
     ctx.save_for_backward(x, w_eff, mean, sigma_b, r, d)
-    ctx.eps = eps
+    ctx.eps = rest[-1]
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
 
 
-def _renorm_setup(ctx, inputs, output) -> None:  # noqa: ANN001
-    x, weight, bias, *_, eps = inputs
-    _save_for_backward(ctx, x, weight, bias, eps, output)
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _renorm_backward(ctx, grad_y: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-    """Gradients of ``x``, ``weight``, ``bias``, then ``None``s for the other inputs."""
+def _step_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
+    """Gradients of ``x``, ``weight`` and ``bias``."""
     x, w_eff, mean, sigma_b, r, d = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     # Gradients of batch normalization with weight gamma r, through mu_B and sigma_B, with r and
@@ -217,155 +380,9 @@ def _renorm_backward(ctx, grad_y: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
     )
     g_weight = torch.addcmul(gb * d, gw, r) if (need_w and ctx.has_weight) else None
     g_bias = gb if (need_b and ctx.has_bias) else None
-    return gx if need_x else None, g_weight, g_bias, None, None, None, None, None, None, None
+    return gx if need_x else None, g_weight, g_bias
 
 
-_renorm_train.register_autograd(_renorm_backward, setup_context=_renorm_setup)
 
 
-class _RenormFunction(torch.autograd.Function):
-    # Tuned for dispatch overhead, which at small shapes costs as much as the kernels: forward(ctx,
-    # ...) rather than a separate setup_context (apply() then binds no signature), the tensors that
-    # take no gradient packed in one tuple argument (apply() inspects every argument), and the
-    # running update done here, where grad mode is already off.
-    @staticmethod
-    def forward(ctx, x, weight, bias, rest):  # noqa: ANN001, ANN205
-        running_mean, running_var, bounds, eps, factor = rest
-        outputs = _train_forward(x, weight, bias, running_mean, running_var, *bounds, eps)
-        _save_for_backward(ctx, x, weight, bias, eps, outputs)
-        if factor is not None:
-            _, mean, sigma_b, sigma = outputs[:4]
-            _move_running(running_mean, running_var, mean, sigma, sigma_b, factor, eps)
-        return outputs[0]
-
-    @staticmethod
-    def backward(ctx, grad_y):  # noqa: ANN001, ANN205
-        if torch.is_grad_enabled():  # create_graph=True: this backward has no derivative of its own
-            return _backward_once(ctx, grad_y)
-        return _renorm_backward(ctx, grad_y)[:4]
-
-
-@torch.autograd.function.once_differentiable
-def _backward_once(ctx, grad_y):  # noqa: ANN001, ANN202
-    return _renorm_backward(ctx, grad_y)[:4]
-
-
-def batch_renorm(
-    x: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    r_max: Tensor | float = 3.0,
-    d_max: Tensor | float = 5.0,
-    eps: float = 1e-5,
-    momentum: Tensor | float | None = None,
-    group: Any | None = None,
-) -> Tensor:
-    """Training-mode batch renormalization of ``x`` ``(N, C, *)``.
-
-    Like ``F.batch_norm(training=True)``: with ``momentum`` given, ``running_mean`` and
-    ``running_var`` are updated in place (``mu`` and ``sigma = sqrt(running_var + eps)`` move
-    towards ``mu_B`` and ``sigma_B`` at that rate). With a process ``group`` the batch statistics
-    are those of the global batch over the group.
-    """
-    if group is None and not torch.compiler.is_compiling():
-        bounds = _bounds(r_max, d_max, running_mean)
-        return _RenormFunction.apply(x, weight, bias, (running_mean, running_var, bounds, eps, momentum))
-    if group is None:
-        r_lo, r_hi, d_lo, d_hi = _bounds(r_max, d_max, running_mean)
-        y, mean, sigma_b, sigma = _renorm_train(
-            x, weight, bias, running_mean, running_var, r_lo, r_hi, d_lo, d_hi, eps
-        )[:4]
-    else:
-        mean, var, _ = channel_moments(x, group, "BatchRenorm")
-        sigma_b = torch.sqrt(var + eps)
-        with torch.no_grad():
-            sigma = torch.sqrt(running_var + eps)
-        bounds = _bounds(r_max, d_max, running_mean)
-        r, d = renorm_corrections(mean.detach(), sigma_b.detach(), running_mean, sigma, bounds)
-        w_eff, b_eff = _folded_affine(weight, bias, r, d)
-        y = channel_affine(x, mean, 1 / sigma_b, w_eff, b_eff)
-    if momentum is not None:
-        with torch.no_grad():
-            _move_running(running_mean, running_var, mean.detach(), sigma, sigma_b.detach(), momentum, eps)
-    return y
-
-
-class BatchRenorm(NormBase):
-    """Batch Renormalization over inputs ``(N, C, *)`` (Ioffe 2017); see the module docstring.
-
-    Args:
-        num_features: ``C``.
-        eps: added to the variance.
-        momentum: rate of the moving mean and standard deviation (the paper's ``alpha``); ``None``
-            for a cumulative average. The default 0.01 is the paper's.
-        affine: learnable ``gamma``/``beta``.
-        track_running_stats: must be ``True``: the corrections need the moving statistics.
-        r_max: bound of ``r`` (>= 1): a number, or a callable of the step count such as
-            ``paper_schedule()["r_max"]``.
-        d_max: bound of ``|d|`` (>= 0): a number or a callable of the step count.
-
-    ``running_mean``/``running_var``/``num_batches_tracked`` mean what they mean in BatchNorm2d.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.01,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        r_max: Limit = 3.0,
-        d_max: Limit = 5.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        if not track_running_stats:
-            raise ValueError(
-                "BatchRenorm: expected track_running_stats=True (r and d are corrections towards the "
-                "moving statistics), got track_running_stats=False"
-            )
-        if not callable(r_max) and not (isinstance(r_max, (int, float)) and r_max >= 1):
-            raise ValueError(f"BatchRenorm: expected r_max >= 1 or a callable of the step, got {r_max!r}")
-        if not callable(d_max) and not (isinstance(d_max, (int, float)) and d_max >= 0):
-            raise ValueError(f"BatchRenorm: expected d_max >= 0 or a callable of the step, got {d_max!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.r_max = r_max
-        self.d_max = d_max
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
-
-    def limits(self) -> tuple[Tensor | float, Tensor | float]:
-        """This step's ``(r_max, d_max)``: the schedule at ``num_batches_tracked`` steps done."""
-        r_max, d_max = self.r_max, self.d_max
-        if callable(r_max):
-            r_max = r_max(self.num_batches_tracked)
-        if callable(d_max):
-            d_max = d_max(self.num_batches_tracked)
-        return r_max, d_max
-
-    def forward(self, x: Tensor) -> Tensor:
-        # The running statistics are always tracked: the batch's are used exactly when they move.
-        training = self.updates_running_stats()
-        group = self.sync_group() if training else None
-        check_input(self, x, self.num_features, training and group is None)
-        if not training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        r_max, d_max = self.limits()
-        factor = self.step_factor()
-        running_mean = self.running_mean
-        if isinstance(factor, Tensor):
-            factor = factor.to(running_mean.dtype)
-        return batch_renorm(
-            x, running_mean, self.running_var, self.weight, self.bias, r_max, d_max, self.eps, factor, group
-        )
-
-
-register(
-    "brn",
-    build_normbase(BatchRenorm),
-    BatchRenorm,
-    "Batch Renormalization (Ioffe 2017), options r_max, d_max (numbers or paper_schedule())",
-)
+_STEP = FusedStep("normlab::batch_renorm_train", _train_forward, _step_setup, _step_backward, _step_fake)

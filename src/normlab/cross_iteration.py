@@ -56,23 +56,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (
-    NormBase,
+from .base import NormBase
+from .comm import global_sum
+from .kernels import (
     buffer_dtype,
     channel_affine,
     channel_moments,
-    global_sum,
     inference_batch_norm,
     memory_format_of,
     stat_dtype,
     stats_and_output_buffer,
 )
-from .fold import find_pairs
-from .registry import ConversionReport, build_normbase, register
+from .pairing import out_channels
 
-__all__ = ["CrossIterationBatchNorm", "pooled_batch_norm", "producer_derivatives", "compensate"]
+__all__ = ["CrossIterationBatchNorm", "COMPENSATED", "pooled_batch_norm", "producer_derivatives", "compensate"]
 
-PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: The producers whose weights the window is compensated for.
+COMPENSATED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # The state that BatchNorm checkpoints lack; loading one resets it (see _load_from_state_dict).
 _WINDOW_FLOATS = ("window_mean", "window_sqmean", "window_weight", "window_bias", "window_dmean", "window_dsqmean")
 _WINDOW_STATE = ("num_steps", "window_count", *_WINDOW_FLOATS)
@@ -364,11 +364,7 @@ class _DeadHook(_ProducerHook):
 
 
 def _supported(producer: nn.Module) -> bool:
-    return isinstance(producer, PRODUCERS)
-
-
-def _out_channels(producer: nn.Module) -> int:
-    return producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    return isinstance(producer, COMPENSATED)
 
 
 # ----------------------------------------------------------------------------------- module
@@ -464,10 +460,10 @@ class CrossIterationBatchNorm(NormBase):
                     "CrossIterationBatchNorm: expected the producer to be nn.Conv1d/Conv2d/Conv3d or nn.Linear, "
                     f"got {type(producer).__name__}"
                 )
-            if _out_channels(producer) != self.num_features:
+            if out_channels(producer) != self.num_features:
                 raise ValueError(
                     f"CrossIterationBatchNorm: expected a producer with {self.num_features} output channels, "
-                    f"got {type(producer).__name__} with {_out_channels(producer)}"
+                    f"got {type(producer).__name__} with {out_channels(producer)}"
                 )
         self._remove_hook()
         object.__setattr__(self, "_producer", producer)
@@ -690,45 +686,3 @@ class CrossIterationBatchNorm(NormBase):
         )
         self.window_intercept[0, slot] = mean_0[0]
         self.window_intercept[1, slot] = sqmean_0[0]
-
-
-# ----------------------------------------------------------------------------------- convert
-def _pair_converted(model: nn.Module, report: ConversionReport, kwargs: dict[str, Any]) -> None:
-    """``convert``'s finalize hook: pair each new layer with its producer, report the ones it cannot.
-
-    The pairs are :func:`normlab.fold.find_pairs`'s (the conv or linear whose output goes straight
-    into the norm and nowhere else, found by tracing ``forward``, or by the ``nn.Sequential`` and
-    ``conv<N>``/``bn<N>`` naming rules where it cannot be traced), restricted to the producers this
-    layer compensates (Conv1d/2d/3d, Linear).
-    """
-    producers = {norm: producer for producer, norm in find_pairs(model)}
-    unpaired = []
-    for name, _, new_cls in report.converted:
-        layer = model.get_submodule(name) if name else model
-        if new_cls != CrossIterationBatchNorm.__name__ or not isinstance(layer, CrossIterationBatchNorm):
-            continue
-        producer = model.get_submodule(producers[name]) if name in producers else None
-        if producer is not None and not _supported(producer):
-            why = f"its producer {producers[name]!r} is a {type(producer).__name__}, not a Conv1d/2d/3d or Linear"
-            producer = None
-        elif producer is None:
-            why = "no conv or linear layer feeds it directly (see normlab.fold.find_pairs)"
-        layer.attach(producer)
-        if producer is None:
-            report.skipped.append((name, f"not paired ({why}): pools uncompensated statistics"))
-            unpaired.append(name or "<model>")
-    if unpaired:
-        warnings.warn(
-            f"convert: {len(unpaired)} CrossIterationBatchNorm layer(s) could not be paired with the conv/linear "
-            f"that feeds them and pool uncompensated statistics: {', '.join(unpaired)}; pair them with .attach()",
-            stacklevel=3,
-        )
-
-
-register(
-    "cbn",
-    build_normbase(CrossIterationBatchNorm),
-    CrossIterationBatchNorm,
-    "Cross-Iteration Batch Normalization (Yao et al. 2021), options window (k, default 8), burn_in (steps)",
-    finalize=_pair_converted,
-)

@@ -78,17 +78,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (
-    Moments,
-    NormBase,
-    accumulation_dtype,
-    buffer_dtype,
-    check_global_count,
-    ema,
-    global_sum,
-    stat_dtype,
-)
-from .registry import common_settings, register, transfer_state
+from .base import Moments, NormBase
+from .checks import check_global_count
+from .comm import global_sum
+from .kernels import accumulation_dtype, buffer_dtype, ema, stat_dtype
 
 __all__ = [
     "DecorrelatedBatchNorm",
@@ -535,6 +528,41 @@ def group_covariance(x: Tensor, group_size: int) -> tuple[Tensor, Tensor, int]:
 
 
 # ------------------------------------------------------------------------------------ module
+class GroupedMoments(Moments):
+    """:class:`~normlab.base.Moments` whose ``var`` is per-group covariances ``(G, g, g)`` (zero padding).
+
+    The groups cover consecutive channels; the last may be padded at its end (a group smaller than
+    the others), the padding being zero.
+    """
+
+    __slots__ = ()
+
+    def _blocks(self, delta: Tensor) -> Tensor:
+        """``delta`` laid out as the rows of the covariance blocks, ``(G, g)`` (zero padding)."""
+        var = self.var
+        g, c = var.shape[-1], delta.numel()
+        slots = var.numel() // g
+        if var.dim() < 2 or var.shape[-1] != var.shape[-2] or not c <= slots < c + g:
+            raise ValueError(
+                f"exact pooling: expected square covariance blocks (..., g, g) covering the {c} mean entries, "
+                f"got shape {tuple(var.shape)}"
+            )
+        flat = delta.reshape(-1)
+        if slots > c:
+            flat = torch.cat([flat, flat.new_zeros(slots - c)])
+        return flat.reshape(var.shape[:-1])
+
+    def outer(self, delta: Tensor) -> Tensor:
+        """``delta delta^T`` per covariance block."""
+        d = self._blocks(delta)
+        return d.unsqueeze(-1) * d.unsqueeze(-2)
+
+    def marginal_var(self) -> Tensor:
+        """The per-channel variances: the blocks' diagonals, without the padding."""
+        self._blocks(self.mean)  # validates the layout
+        return torch.diagonal(self.var, dim1=-2, dim2=-1).reshape(-1)[: self.mean.numel()]
+
+
 class DecorrelatedBatchNorm(NormBase):
     """Decorrelated Batch Normalization over inputs ``(N, C, *)`` (Huang et al. 2018); see the module docstring.
 
@@ -615,6 +643,12 @@ class DecorrelatedBatchNorm(NormBase):
         inv = torch.rsqrt(running_var.to(self.running_whitening.dtype) + self.eps)
         return torch.diag_embed(_pad_vector(inv, self.num_groups, self.padded_group_size, 1.0))
 
+    def adopt(self, source: nn.Module, copied: list[str]) -> None:
+        """From a channel-wise layer: a diagonal whitening matrix, so eval is what it was before."""
+        if self.track_running_stats and "running_var" in copied and "running_whitening" not in copied:
+            with torch.no_grad():
+                self.running_whitening.copy_(self._diagonal_whitening(self.running_var))
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):  # noqa: ANN001 - torch's signature
@@ -678,7 +712,7 @@ class DecorrelatedBatchNorm(NormBase):
         """Batch mean (C,) and biased per-group covariance (G, g, g) (zero padding) of ``x``."""
         self.check_input(x)
         mean, cov, m = group_covariance(x, self.group_size)
-        return Moments(m, mean, cov)
+        return GroupedMoments(m, mean, cov)
 
     @torch.no_grad()
     def load_statistics(self, mean: Tensor, var: Tensor) -> None:
@@ -723,23 +757,3 @@ class DecorrelatedBatchNorm(NormBase):
         idx = torch.arange(G, device=A.device)
         dense[idx, :, idx, :] = A
         return dense.reshape(G * g, G * g)[:c, :c].contiguous(), b.reshape(-1)[:c].contiguous()
-
-
-# ------------------------------------------------------------------------------------ registry
-def _build_dbn(src: nn.Module, **kwargs: Any) -> nn.Module:
-    layer = DecorrelatedBatchNorm(**(common_settings(src) | kwargs))
-    copied = transfer_state(src, layer)
-    if layer.track_running_stats and "running_var" in copied and "running_whitening" not in copied:
-        # From a channel-wise layer: a diagonal whitening matrix, so eval is what it was before.
-        with torch.no_grad():
-            layer.running_whitening.copy_(layer._diagonal_whitening(layer.running_var))
-    return layer
-
-
-register(
-    "dbn",
-    _build_dbn,
-    DecorrelatedBatchNorm,
-    "Decorrelated Batch Normalization (Huang et al. 2018), options group_size, method ('zca', 'pca', "
-    "'newton'), iterations",
-)

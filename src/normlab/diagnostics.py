@@ -13,19 +13,35 @@ layer's input and output spectra:
 
 Covariances are over the ``m = N * prod(spatial)`` samples of each channel (as the layers take their
 statistics) and their eigenvalues are computed in float64.
+
+The statistic shift (:func:`statistic_shift`): per normalization layer, how far the statistics of
+its input on a source and a target domain are apart (symmetric KL divergence of per-channel
+Gaussians), the quantity AdaBN (:func:`normlab.adapt`) removes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .base import stat_layers
+from .batches import Forward
 from .decorrelated import group_covariance
+from .population import MomentPool, collect, layers_or_warn
 
-__all__ = ["covariance_spectrum", "condition_number", "SpectrumRecord", "SpectrumRecorder", "layer_spectra"]
+__all__ = [
+    "covariance_spectrum",
+    "condition_number",
+    "SpectrumRecord",
+    "SpectrumRecorder",
+    "layer_spectra",
+    "statistic_shift",
+    "symmetric_kl",
+]
 
 
 def _check(name: str, x: Tensor, group_size: int | None) -> int:
@@ -160,3 +176,87 @@ def layer_spectra(
     if not rec.records:
         raise ValueError(f"layer_spectra: the layer {type(layer).__name__} was not called by the model's forward")
     return rec.records[-1]
+
+
+# --------------------------------------------------------------------------------------- statistic shift
+def symmetric_kl(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> Tensor:
+    """``KL(N1 || N2) + KL(N2 || N1)`` of univariate Gaussians, elementwise.
+
+    Equals ``(var1/var2 + var2/var1)/2 - 1 + (mean1 - mean2)^2 (1/var1 + 1/var2)/2``.
+    """
+    d2 = (mean1 - mean2).square()
+    return 0.5 * (var1 / var2 + var2 / var1) - 1 + 0.5 * d2 * (1 / var1 + 1 / var2)
+
+
+def _stored_statistics(name: str, module: nn.Module) -> tuple[Tensor, Tensor]:
+    mean = getattr(module, "running_mean", None)
+    var = getattr(module, "running_var", None)
+    if not isinstance(mean, Tensor):
+        raise ValueError(
+            f"statistic_shift: layer {name} ({type(module).__name__}) has no running_mean to compare with; "
+            "pass source_batches"
+        )
+    return mean, var
+
+
+def statistic_shift(
+    model: nn.Module,
+    source_batches: Iterable[Any] | None,
+    target_batches: Iterable[Any],
+    *,
+    source_model: nn.Module | None = None,
+    forward: Forward | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Per layer, how far the source and target statistics of its input are apart.
+
+    For every normalization layer, the mean over channels of the symmetric KL divergence (see
+    :func:`symmetric_kl`) between the per-channel Gaussians ``N(mean, var + eps)`` of the source and
+    the target statistics (``eps`` the layer's own, which also keeps constant channels finite).
+    For layers with per-group covariances the per-channel marginals (their diagonals) are used.
+
+    * Target statistics: the exact mean and variance of the layer's input when ``target_batches``
+      run through ``model`` in eval mode.
+    * Source statistics: the same for ``source_batches`` through ``source_model`` (default
+      ``model``); with ``source_batches=None``, the statistics stored in ``source_model``'s layers
+      (``running_mean``/``running_var``), i.e. what the layer normalizes with; a layer that keeps no
+      variance (mean-only) is then compared by its means alone.
+
+    Typical use: ``statistic_shift(model, None, target)`` before and after :func:`adapt`: large where
+    the domain shift reaches a layer, and zero after a layer-wise exact adaptation, since every layer
+    then normalizes with its target statistics. ``statistic_shift(adapted, source, target,
+    source_model=model)`` compares what each layer sees on the source domain with the source model
+    and on the target domain with the adapted one. Returns ``{layer name: divergence}`` in call order.
+    """
+    who = "statistic_shift"
+    src_model = model if source_model is None else source_model
+    layers = layers_or_warn(model, who)
+    src_layers = dict(stat_layers(src_model))
+    missing = [n for n, _ in layers if n not in src_layers]
+    if missing:
+        raise ValueError(f"statistic_shift: expected source_model to have the layers {missing} of model")
+    kw = {"pooling": "exact", "batch_stats": False, "forward": forward, "device": device, "progress": False, "who": who}
+    target, order, _ = collect(model, layers, target_batches, **kw)
+    source_pools: dict[str, MomentPool] = {}
+    if source_batches is None:
+        source = {n: _stored_statistics(n, src_layers[n]) for n, _ in layers}
+    else:
+        source_pools, _, _ = collect(src_model, [(n, src_layers[n]) for n, _ in layers], source_batches, **kw)
+        source = {n: source_pools[n].result() for n, _ in layers if source_pools[n].batches}
+    out = {}
+    for name in order:
+        if name not in source:
+            continue
+        module = dict(layers)[name]
+        eps = float(getattr(module, "eps", 1e-5))
+        mt, vt = target[name].result()
+        ms, vs = source[name]
+        vt = target[name].marginal_var(mt, vt).double() + eps
+        # A layer that keeps no variance (mean-only) is compared by its means alone.
+        if vs is not None:
+            pool = source_pools.get(name)
+            vs = (pool.marginal_var(ms, vs) if pool is not None else vs.reshape(-1)).double() + eps
+        else:
+            vs = vt
+        out[name] = float(symmetric_kl(ms.reshape(-1).double(), vs, mt.reshape(-1).double(), vt).mean())
+    return out

@@ -3,8 +3,8 @@
 With data parallelism every process sees a slice of the global batch. :func:`sync` makes every
 normlab layer in a model compute its batch statistics over the global batch of a process group:
 the count, the per-channel sums of ``x`` and ``x^2`` (and of ``x x^T`` for whitening) are summed
-over the processes in one ``all_reduce`` (:func:`normlab.base.global_sum`, used by
-:func:`normlab.base.channel_moments` and by every synchronized layer), so processes with uneven or
+over the processes in one ``all_reduce`` (:func:`normlab.comm.global_sum`, used by
+:func:`normlab.kernels.channel_moments` and by every synchronized layer), so processes with uneven or
 empty batches are weighted by their sample counts. The backward of that sum is the sum of the
 gradients over the processes, so inputs and parameters get the gradients of the whole batch (the
 sum of the parameter gradients over the processes, which DDP then averages). Works on any backend:
@@ -35,9 +35,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .base import NormBase
+from .base import ToolState, carry_settings
 from .batchnorm import BatchNorm
-from .registry import common_settings, replace_module
+from .comm import GroupRef
+from .surgery import common_settings, replace_module
 
 __all__ = ["GroupRef", "sync", "unsync", "is_synced", "init_from_env", "rank", "world_size", "shard"]
 
@@ -48,57 +49,9 @@ T = TypeVar("T")
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-class GroupRef:
-    """The process group a synchronized layer reduces over, as stored in its ``process_group``.
-
-    ``GroupRef()`` is torch's default group (``WORLD``), looked up when the layer runs, so a model
-    may be synchronized before ``init_process_group``. A torch ``ProcessGroup`` neither deep-copies
-    nor pickles; a ``GroupRef`` deep-copies as itself (a copy of a model synchronizes over the same
-    processes) and, for the default group, pickles too. Another group lives only in this process:
-    pickling a model synchronized over it raises a ``TypeError`` (save its ``state_dict``, or
-    :func:`unsync` it first).
-    """
-
-    __slots__ = ("group",)
-
-    def __init__(self, group: Any | None = None) -> None:
-        if isinstance(group, GroupRef):
-            group = group.group
-        if group is not None and dist.is_available() and dist.is_initialized() and group is dist.group.WORLD:
-            group = None  # the default group: keep it picklable
-        self.group = group
-
-    def resolve(self) -> Any:
-        """The torch process group (``dist.group.WORLD`` for the default group)."""
-        return dist.group.WORLD if self.group is None else self.group
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> GroupRef:
-        return self
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        if self.group is not None:
-            raise TypeError(
-                "normlab.sync: a model synchronized over a process group other than the default one "
-                "cannot be pickled (process groups exist only in their process); save its state_dict, "
-                "or call normlab.unsync on it first"
-            )
-        return (GroupRef, ())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, GroupRef) and other.group is self.group
-
-    def __hash__(self) -> int:
-        return id(self.group)
-
-    def __repr__(self) -> str:
-        return "GroupRef(WORLD)" if self.group is None else f"GroupRef({self.group!r})"
-
-
 def _is_normlab_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is a normlab layer that takes a ``process_group``."""
-    if isinstance(module, (NormBase, BatchNorm)):
-        return True
-    return type(module).__module__.startswith("normlab.") and hasattr(module, "process_group")
+    """Whether ``module`` is a normlab layer, with a declared ``process_group`` setting."""
+    return isinstance(module, ToolState)
 
 
 def _copy_model(model: nn.Module) -> nn.Module:
@@ -179,13 +132,11 @@ def sync(model: nn.Module, process_group: Any | None = None, *, inplace: bool = 
     built: dict[int, nn.Module] = {}  # a layer used at several places gets one replacement
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if _is_normlab_layer(module):
-            module.process_group = ref
+            module.configure(process_group=ref)
         elif type(module) in _TORCH_BN:
             if id(module) not in built:
-                new = _rebuild(module, BatchNorm)
-                new.process_group = ref
-                new._normlab_origin = getattr(module, "_normlab_origin", type(module))
-                built[id(module)] = new
+                new = carry_settings(module, _rebuild(module, BatchNorm))
+                built[id(module)] = new.configure(process_group=ref)
             model = replace_module(model, name, built[id(module)])
     return model
 
@@ -204,8 +155,8 @@ def unsync(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if not _is_normlab_layer(module):
             continue
-        module.process_group = None
-        origin = getattr(module, "_normlab_origin", None)
+        module.configure(process_group=None)
+        origin = module.converted_from
         if isinstance(module, BatchNorm) and origin in _TORCH_BN:
             if id(module) not in built:
                 built[id(module)] = _rebuild(module, origin)
@@ -215,7 +166,7 @@ def unsync(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 def is_synced(model: nn.Module) -> bool:
     """Whether any layer of ``model`` has a ``process_group`` (synchronizes when a group is running)."""
-    return any(_is_normlab_layer(m) and getattr(m, "process_group", None) is not None for m in model.modules())
+    return any(_is_normlab_layer(m) and m.process_group is not None for m in model.modules())
 
 
 # ----------------------------------------------------------------------------------- torchrun helpers

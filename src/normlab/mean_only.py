@@ -26,102 +26,18 @@ a torch BatchNorm) is accepted and ignored, so BatchNorm checkpoints load into t
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import NormBase, ema, global_sum, memory_format_of, reduce_dims, stat_dtype
-from .registry import build_normbase, register
+from .base import BatchStats, NormBase
+from .comm import global_sum
+from .dispatch import FusedStep
+from .kernels import channel_shape, ema, memory_format_of, reduce_dims, stat_dtype
 
 __all__ = ["MeanOnlyBatchNorm", "mean_only_batch_norm"]
-
-
-def _channel_shape(x: Tensor) -> tuple[int, ...]:
-    return (1, -1) + (1,) * (x.dim() - 2)
-
-
-def batch_mean(x: Tensor, group: Any | None = None) -> Tensor:
-    """Per-channel mean of ``x`` ``(N, C, *)`` (float32 for half inputs; global over ``group``)."""
-    xs = x.to(stat_dtype(x))
-    dims = reduce_dims(xs)
-    if group is None:
-        return xs.mean(dims)
-    count = torch.full((1,), float(xs.numel() // max(xs.size(1), 1)), dtype=xs.dtype, device=xs.device)
-    s, count = global_sum([xs.sum(dims), count], group)
-    if not bool(count > 0):
-        raise ValueError("MeanOnlyBatchNorm: expected at least 1 value per channel over the process group, got 0")
-    return s / count
-
-
-def mean_only_batch_norm(x: Tensor, mean: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``weight * (x - mean) + bias`` along dimension 1 of ``x`` (differentiable in all inputs)."""
-    shape = _channel_shape(x)
-    if weight is None:
-        y = x - mean.reshape(shape).to(x.dtype)
-        return y if bias is None else y + bias.reshape(shape).to(x.dtype)
-    # One fused multiply-add: weight * x + (bias - weight * mean).
-    shift = -mean * weight if bias is None else bias - mean * weight
-    return torch.addcmul(shift.reshape(shape).to(x.dtype), x, weight.reshape(shape).to(x.dtype))
-
-
-class _MeanOnlyFunction(torch.autograd.Function):
-    """Training-mode mean-only BN on torch's native batch-norm kernels; returns ``y`` and ``mu_B``.
-
-    ``weight * (x - mu) + bias`` is batch-norm inference with mean ``mu`` and unit variance (eps 0),
-    so the forward is the native inference kernel; the backward takes ``dL/dweight`` and
-    ``dL/dbias`` from the native inference backward (one reading pass) and writes
-    ``dL/dx = weight * (dL/dy - mean(dL/dy))`` in one fused multiply-add. No variance is ever computed.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):  # noqa: ANN001, ANN205
-        mean = x.mean(reduce_dims(x), dtype=stat_dtype(x))
-        w = None if weight is None else weight.to(mean.dtype)
-        b = None if bias is None else bias.to(mean.dtype)
-        if x.dim() == 2:
-            # For (N, C) inputs one fused multiply-add is faster than the strided inference kernel.
-            y = mean_only_batch_norm(x, mean, w, b)
-        else:
-            y = torch.batch_norm(x, w, b, mean, torch.ones_like(mean), False, 0.0, 0.0, False)
-        ctx.save_for_backward(x, w, mean)
-        ctx.param_dtype = None if weight is None else weight.dtype
-        ctx.mark_non_differentiable(mean)
-        return y, mean
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, _):  # noqa: ANN001, ANN205
-        x, w, mean = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        # The kernel only for the per-channel sums (dL/dweight = sum dL/dy (x - mu), dL/dbias = sum dL/dy):
-        # its input gradient would take a second pass to correct for mu_B.
-        g = grad_y.contiguous(memory_format=memory_format_of(x))
-        _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            g,
-            x,
-            w,
-            mean,
-            torch.ones_like(mean),
-            None,
-            None,
-            False,
-            0.0,
-            [False, need_w, True],
-        )
-        gx = None
-        if need_x:
-            # dL/dx = weight * (dL/dy - mean(dL/dy)), in one pass.
-            shape = _channel_shape(x)
-            m = x.numel() // x.size(1)
-            if w is None:
-                gx = g - (gb / m).reshape(shape).to(g.dtype)
-            else:
-                shift = (gb * w).div_(-m).reshape(shape).to(g.dtype)
-                gx = torch.addcmul(shift, g, w.reshape(shape).to(g.dtype))
-        if gw is not None:
-            gw, gb = gw.to(ctx.param_dtype), gb.to(ctx.param_dtype)
-        return gx, gw if need_w else None, gb if need_b else None
 
 
 class MeanOnlyBatchNorm(NormBase):
@@ -168,19 +84,16 @@ class MeanOnlyBatchNorm(NormBase):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        if not self.use_batch_stats():
-            return mean_only_batch_norm(x, self.running_mean, self.weight, self.bias)
-        group = self.sync_group()
-        if group is None:
-            y, mean = _MeanOnlyFunction.apply(x, self.weight, self.bias)
-        else:
-            mean = batch_mean(x, group)
-            y = mean_only_batch_norm(x, mean, self.weight, self.bias)
-        if self.updates_running_stats():
-            ema(self.running_mean, mean, self.step_factor())
-        return y
+    # ----------------------------------------------------------------------------- the paper's steps
+    def normalize_running(self, x: Tensor) -> Tensor:
+        return _shift(x, self.running_mean, self.weight, self.bias)
+
+    def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
+        y, mean = _train_step(x, self.weight, self.bias, group)
+        return y, BatchStats(mean, None, x.numel() // x.size(1))
+
+    def update_running(self, stats: BatchStats) -> None:
+        ema(self.running_mean, stats.mean, self.step_factor())
 
     # ----------------------------------------------------------------------------- statistics interface
     # moments() is NormBase's: the batch mean (and the biased variance, which tools may average but
@@ -209,9 +122,129 @@ class MeanOnlyBatchNorm(NormBase):
         return scale, shift
 
 
-register(
-    "mobn",
-    build_normbase(MeanOnlyBatchNorm),
-    MeanOnlyBatchNorm,
-    "Mean-only Batch Normalization (Salimans & Kingma 2016): subtract the batch/running mean, no division",
-)
+# ----------------------------------------------------------------------------------- functional core
+def mean_only_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    process_group: Any | None = None,
+) -> Tensor:
+    """Mean-only batch normalization of ``x`` ``(N, C, *)``, in ``F.batch_norm``'s shape.
+
+    ``training=False``: ``weight * (x - running_mean) + bias``. ``training=True``: the batch mean
+    (global over ``process_group``) instead, and ``running_mean``, when given, moves towards it at
+    rate ``momentum`` in place. ``running_var`` must be ``None`` (the layer keeps no variance) and
+    ``eps`` is unused; both keep the shape of the other functional cores.
+
+    The earlier form ``mean_only_batch_norm(x, mean, weight, bias)`` still works (deprecated).
+    """
+    if running_var is not None:
+        warnings.warn(
+            "mean_only_batch_norm(x, mean, weight, bias) is deprecated; the arguments now follow "
+            "F.batch_norm: (x, running_mean, None, weight, bias, training, momentum, eps)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _shift(x, running_mean, running_var, weight)
+    if not training:
+        if running_mean is None:
+            raise ValueError("mean_only_batch_norm: expected a running_mean when training=False")
+        return _shift(x, running_mean, weight, bias)
+    y, mean = _train_step(x, weight, bias, process_group)
+    if running_mean is not None and momentum:
+        ema(running_mean, mean, momentum)
+    return y
+
+
+# ----------------------------------------------------------------------------------- kernels
+def _shift(x: Tensor, mean: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``weight * (x - mean) + bias`` along dimension 1 of ``x`` (differentiable in all inputs)."""
+    shape = channel_shape(x)
+    if weight is None:
+        y = x - mean.reshape(shape).to(x.dtype)
+        return y if bias is None else y + bias.reshape(shape).to(x.dtype)
+    # One fused multiply-add: weight * x + (bias - weight * mean).
+    shift = -mean * weight if bias is None else bias - mean * weight
+    return torch.addcmul(shift.reshape(shape).to(x.dtype), x, weight.reshape(shape).to(x.dtype))
+
+
+def batch_mean(x: Tensor, group: Any | None = None) -> Tensor:
+    """Per-channel mean of ``x`` ``(N, C, *)`` (float32 for half inputs; global over ``group``)."""
+    xs = x.to(stat_dtype(x))
+    dims = reduce_dims(xs)
+    if group is None:
+        return xs.mean(dims)
+    count = torch.full((1,), float(xs.numel() // max(xs.size(1), 1)), dtype=xs.dtype, device=xs.device)
+    s, count = global_sum([xs.sum(dims), count], group)
+    if not bool(count > 0):
+        raise ValueError("MeanOnlyBatchNorm: expected at least 1 value per channel over the process group, got 0")
+    return s / count
+
+
+def _train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None, group: Any | None) -> tuple[Tensor, Tensor]:
+    """``(y, mu_B)`` of one training step: the fused step locally, composed ops over a process group."""
+    if group is None:
+        return _STEP(x, weight, bias)
+    mean = batch_mean(x, group)
+    return _shift(x, mean, weight, bias), mean
+
+
+# The local step on torch's native batch-norm kernels:
+#
+# ``weight * (x - mu) + bias`` is batch-norm inference with mean ``mu`` and unit variance (eps 0),
+# so the forward is the native inference kernel; the backward takes ``dL/dweight`` and ``dL/dbias``
+# from the native inference backward (one reading pass) and writes
+# ``dL/dx = weight * (dL/dy - mean(dL/dy))`` in one fused multiply-add. No variance is ever computed.
+def _step_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    mean = x.mean(reduce_dims(x), dtype=stat_dtype(x))
+    w = None if weight is None else weight.to(mean.dtype)
+    b = None if bias is None else bias.to(mean.dtype)
+    if x.dim() == 2:
+        # For (N, C) inputs one fused multiply-add is faster than the strided inference kernel.
+        y = _shift(x, mean, w, b)
+    else:
+        y = torch.batch_norm(x, w, b, mean, torch.ones_like(mean), False, 0.0, 0.0, False)
+    return y, mean
+
+
+def _step_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty(x.size(1), dtype=stat_dtype(x))
+
+
+def _step_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest: tuple, outputs) -> None:  # noqa: ANN001
+    mean = outputs[1]
+    ctx.save_for_backward(x, None if weight is None else weight.to(mean.dtype), mean)
+    ctx.param_dtype = None if weight is None else weight.dtype
+
+
+def _step_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
+    x, w, mean = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    # The kernel only for the per-channel sums (dL/dweight = sum dL/dy (x - mu), dL/dbias = sum dL/dy):
+    # its input gradient would take a second pass to correct for mu_B.
+    g = grad_y.contiguous(memory_format=memory_format_of(x))
+    _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        g, x, w, mean, torch.ones_like(mean), None, None, False, 0.0, [False, need_w, True]
+    )
+    gx = None
+    if need_x:
+        # dL/dx = weight * (dL/dy - mean(dL/dy)), in one pass.
+        shape = channel_shape(x)
+        m = x.numel() // x.size(1)
+        if w is None:
+            gx = g - (gb / m).reshape(shape).to(g.dtype)
+        else:
+            shift = (gb * w).div_(-m).reshape(shape).to(g.dtype)
+            gx = torch.addcmul(shift, g, w.reshape(shape).to(g.dtype))
+    if gw is not None:
+        gw, gb = gw.to(ctx.param_dtype), gb.to(ctx.param_dtype)
+    return gx, gw if need_w else None, gb if need_b else None
+
+
+_STEP = FusedStep("normlab::mean_only_train", _step_forward, _step_setup, _step_backward, _step_fake)

@@ -2,8 +2,9 @@
 
 Each kind has a short name (``"bn"``, ``"brn"``, ``"gn"``, ...) and a builder that makes a layer of
 that kind from an existing normalization layer, carrying ``weight``, ``bias`` and running statistics
-over where the target has them (same name and shape). Variants register themselves with
-:func:`register` when their module is imported; :func:`convert` needs no per-variant code.
+over where the target has them (same name and shape). The built-in kinds are the table at the end
+of this module; third parties add theirs with :func:`register`. :func:`convert` needs no
+per-variant code.
 """
 
 from __future__ import annotations
@@ -15,12 +16,27 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
-from .base import NormBase
+from .base import NormBase, carry_settings
+from .batch_renorm import BatchRenorm
+from .batchnorm import BatchNorm
+from .cross_iteration import COMPENSATED, CrossIterationBatchNorm
+from .decorrelated import DecorrelatedBatchNorm
+from .mean_only import MeanOnlyBatchNorm
+from .pairing import find_pairs
+from .surgery import common_settings, replace_module, transfer_state
 
-__all__ = ["register", "kinds", "convert", "ConversionReport", "common_settings", "transfer_state", "replace_module"]
+__all__ = [
+    "register",
+    "kinds",
+    "convert",
+    "ConversionReport",
+    "build_normbase",
+    "common_settings",
+    "transfer_state",
+    "replace_module",
+]
 
 log = logging.getLogger("normlab")
 
@@ -75,54 +91,73 @@ def _lookup(name: str) -> Kind:
     return _REGISTRY[name]
 
 
-def common_settings(layer: nn.Module) -> dict[str, Any]:
-    """The torch-convention constructor settings of a normalization layer.
-
-    ``num_features``, ``eps``, ``affine``, ``track_running_stats``, ``device`` and ``dtype`` (the
-    latter two from its parameters or buffers). ``momentum`` is not carried: each kind keeps its own
-    default unless the caller passes one.
-    """
-    num = getattr(layer, "num_features", None) or getattr(layer, "num_channels", None)
-    tensors = [t for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False)) if t is not None]
-    floats = [t for t in tensors if t.is_floating_point()]
-    params = list(layer.parameters(recurse=False))
-    ref = params[0] if params else (floats[0] if floats else None)
-    return {
-        "num_features": int(num),
-        "eps": float(getattr(layer, "eps", 1e-5)),
-        "affine": bool(getattr(layer, "affine", getattr(layer, "elementwise_affine", True))),
-        "track_running_stats": bool(getattr(layer, "track_running_stats", True)),
-        "device": ref.device if ref is not None else None,
-        "dtype": ref.dtype if ref is not None else None,
-    }
-
-
-@torch.no_grad()
-def transfer_state(src: nn.Module, dst: nn.Module) -> list[str]:
-    """Copy every parameter/buffer that ``src`` and ``dst`` share by name and shape; return the names."""
-    dst_state = dict(dst.named_parameters(recurse=False)) | {
-        k: v for k, v in dst.named_buffers(recurse=False) if v is not None
-    }
-    copied = []
-    for name, value in [*src.named_parameters(recurse=False), *src.named_buffers(recurse=False)]:
-        target = dst_state.get(name)
-        if value is None or target is None or target.shape != value.shape:
-            continue
-        target.copy_(value.to(target.dtype))
-        copied.append(name)
-    return copied
-
-
 def build_normbase(cls: type[NormBase]) -> Builder:
-    """A builder for a :class:`NormBase` subclass: same settings, shared state copied over."""
+    """A builder for a :class:`NormBase` subclass: same settings, shared state copied over.
+
+    The new layer's :meth:`NormBase.adopt` then derives whatever it keeps beyond the copied tensors
+    (e.g. Decorrelated BN's whitening matrix from a running variance).
+    """
 
     def build(src: nn.Module, **kwargs: Any) -> nn.Module:
         settings = common_settings(src) | kwargs
         layer = cls(**settings)
-        transfer_state(src, layer)
+        layer.adopt(src, transfer_state(src, layer))
         return layer
 
     return build
+
+
+def _build_bn(src: nn.Module, momentum: float | None = 0.1, **kwargs: Any) -> nn.Module:
+    origin = src.converted_from if isinstance(src, NormBase) and src.converted_from else type(src)
+    cls = origin if isinstance(origin, type) and issubclass(origin, nn.modules.batchnorm._BatchNorm) else BatchNorm
+    if cls is nn.SyncBatchNorm:
+        kwargs.setdefault("process_group", getattr(src, "process_group", None))
+    layer = cls(**(common_settings(src) | {"momentum": momentum} | kwargs))
+    transfer_state(src, layer)
+    return layer
+
+
+def _build_gn(src: nn.Module, num_groups: int = 32, **kwargs: Any) -> nn.Module:
+    s = common_settings(src) | kwargs
+    c = s["num_features"]
+    if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+        raise ValueError(
+            f"GroupNorm: expected num_groups to divide num_channels={c}, got num_groups={num_groups!r}"
+        )
+    layer = nn.GroupNorm(num_groups, c, eps=s["eps"], affine=s["affine"], device=s["device"], dtype=s["dtype"])
+    transfer_state(src, layer)
+    return layer
+
+
+def _pair_converted(model: nn.Module, report: ConversionReport, kwargs: dict[str, Any]) -> None:
+    """The ``"cbn"`` kind's finalizer: pair each new layer with its producer, report the ones it cannot.
+
+    The pairs are :func:`normlab.pairing.find_pairs`'s (the conv or linear whose output goes straight
+    into the norm and nowhere else), restricted to the producers the layer compensates
+    (Conv1d/2d/3d, Linear).
+    """
+    producers = {norm: producer for producer, norm in find_pairs(model)}
+    unpaired = []
+    for name, _, new_cls in report.converted:
+        layer = model.get_submodule(name) if name else model
+        if new_cls != CrossIterationBatchNorm.__name__ or not isinstance(layer, CrossIterationBatchNorm):
+            continue
+        producer = model.get_submodule(producers[name]) if name in producers else None
+        if producer is not None and not isinstance(producer, COMPENSATED):
+            why = f"its producer {producers[name]!r} is a {type(producer).__name__}, not a Conv1d/2d/3d or Linear"
+            producer = None
+        elif producer is None:
+            why = "no conv or linear layer feeds it directly (see normlab.find_pairs)"
+        layer.attach(producer)
+        if producer is None:
+            report.skipped.append((name, f"not paired ({why}): pools uncompensated statistics"))
+            unpaired.append(name or "<model>")
+    if unpaired:
+        warnings.warn(
+            f"convert: {len(unpaired)} CrossIterationBatchNorm layer(s) could not be paired with the conv/linear "
+            f"that feeds them and pool uncompensated statistics: {', '.join(unpaired)}; pair them with .attach()",
+            stacklevel=3,
+        )
 
 
 @dataclass
@@ -163,13 +198,27 @@ def _named_targets(model: nn.Module, types: tuple[type, ...]) -> Iterable[tuple[
     yield from walk(model, "")
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at the qualified ``name`` in ``model``; return the model (``new`` itself for ``""``)."""
-    if name == "":
-        return new
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    return model
+def _source_types(source: str | Sequence[str] | None) -> tuple[type, ...]:
+    if source is None:
+        chosen = [k for k in _REGISTRY.values() if k.source_by_default]
+    else:
+        chosen = [_lookup(s) for s in ([source] if isinstance(source, str) else source)]
+    types: tuple[type, ...] = ()
+    for k in chosen:
+        types += k.types
+    return types
+
+
+def _named_targets(model: nn.Module, types: tuple[type, ...]) -> Iterable[tuple[str, nn.Module]]:
+    # A matched layer's own children are not visited: it is replaced as a whole.
+    def walk(module: nn.Module, prefix: str) -> Iterable[tuple[str, nn.Module]]:
+        if isinstance(module, types):
+            yield prefix, module
+            return
+        for name, child in module.named_children():
+            yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+    yield from walk(model, "")
 
 
 def convert(
@@ -205,17 +254,15 @@ def convert(
         model = copy.deepcopy(model)
     rep = ConversionReport(to)
     targets = list(_named_targets(model, types))
+    built = []  # every layer is built before any is swapped in: a failure leaves the model as it was
     for name, layer in targets:
         try:
             new = kind.build(layer, **kwargs)
         except TypeError as err:  # e.g. an option this kind does not take
             raise ValueError(f"convert: cannot build {to!r} from {name or '<model>'} ({layer}): {err}") from err
         new.train(layer.training)
-        # Remember the first class in a chain of conversions, so convert(..., "bn") restores it.
-        new._normlab_origin = getattr(layer, "_normlab_origin", type(layer))
-        for attr in ("frozen", "process_group"):
-            if hasattr(layer, attr) and hasattr(new, attr):
-                setattr(new, attr, getattr(layer, attr))
+        built.append(carry_settings(layer, new))
+    for (name, layer), new in zip(targets, built):
         model = replace_module(model, name, new)
         rep.converted.append((name, type(layer).__name__, type(new).__name__))
         log.info("normlab.convert: %s: %s -> %s", name or "<model>", type(layer).__name__, type(new).__name__)
@@ -224,3 +271,48 @@ def convert(
     if kind.finalize is not None:
         kind.finalize(model, rep, kwargs)
     return (model, rep) if report else model
+
+
+# ------------------------------------------------------------------------------------ the built-in kinds
+for _kind in (
+    Kind(
+        "bn",
+        _build_bn,
+        (nn.modules.batchnorm._BatchNorm,),
+        "Batch Normalization (torch's layers; Ioffe & Szegedy 2015)",
+    ),
+    Kind(
+        "gn",
+        _build_gn,
+        (nn.GroupNorm,),
+        "Group Normalization (torch's nn.GroupNorm; Wu & He 2018), option num_groups (default 32)",
+        source_by_default=False,
+    ),
+    Kind(
+        "brn",
+        build_normbase(BatchRenorm),
+        (BatchRenorm,),
+        "Batch Renormalization (Ioffe 2017), options r_max, d_max (numbers or paper_schedule())",
+    ),
+    Kind(
+        "dbn",
+        build_normbase(DecorrelatedBatchNorm),
+        (DecorrelatedBatchNorm,),
+        "Decorrelated Batch Normalization (Huang et al. 2018), options group_size, method ('zca', 'pca', "
+        "'newton'), iterations",
+    ),
+    Kind(
+        "cbn",
+        build_normbase(CrossIterationBatchNorm),
+        (CrossIterationBatchNorm,),
+        "Cross-Iteration Batch Normalization (Yao et al. 2021), options window (k, default 8), burn_in (steps)",
+        finalize=_pair_converted,
+    ),
+    Kind(
+        "mobn",
+        build_normbase(MeanOnlyBatchNorm),
+        (MeanOnlyBatchNorm,),
+        "Mean-only Batch Normalization (Salimans & Kingma 2016): subtract the batch/running mean, no division",
+    ),
+):
+    _REGISTRY[_kind.name] = _kind

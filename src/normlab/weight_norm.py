@@ -32,6 +32,7 @@ direction is undefined). A ``v`` that becomes zero later gives ``w = 0`` (the no
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,7 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .base import stat_dtype
+from .batches import Forward, call_model
+from .kernels import stat_dtype
 
 __all__ = [
     "WeightNorm",
@@ -293,20 +295,14 @@ def _unit_axis(module: nn.Module, p: nn.Module, out: Tensor) -> int:
     )
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 @torch.no_grad()
-def init_weight_norm(model: nn.Module, batch: Any, eps: float = 1e-6) -> list[str]:
+def init_weight_norm(model: nn.Module, batch: Any, eps: float = 1e-6, *, forward: Forward | None = None) -> list[str]:
     """Data-dependent initialization of every weight-normalized layer of ``model`` (section 2.2).
 
-    Runs ``model`` once on ``batch`` (a tensor, a tuple of positional arguments or a dict of keyword
-    arguments) with forward hooks. For each weight-normalized ``Linear``/``ConvNd``/
+    Runs ``model`` once on ``batch`` with forward hooks, by the rule of :mod:`normlab.batches` that every
+    tool follows: a tensor ``x`` is ``model(x)``, a tuple or list ``(x, y, ...)`` is ``model(x)``, a
+    mapping is ``model(**batch)``; anything else (several positional inputs) with ``forward=lambda
+    model, batch: ...``. For each weight-normalized ``Linear``/``ConvNd``/
     ``ConvTransposeNd`` layer, at its first call: ``t = (v / ||v||) . x`` (no bias), then per output
     unit over all other axes of ``t`` ``g <- 1 / sigma[t]`` and ``b <- -mu[t] / sigma[t]``, with
     ``sigma = sqrt(var + eps)`` (biased variance). The layer's output is replaced by the initialized
@@ -316,6 +312,14 @@ def init_weight_norm(model: nn.Module, batch: Any, eps: float = 1e-6) -> list[st
     The model's train/eval mode is left as it is. ``v`` is not changed. If anything raises, every
     gain and bias is restored. Returns the names of the initialized layers in forward order.
     """
+    if forward is None and isinstance(batch, (tuple, list)) and len(batch) > 1:
+        warnings.warn(
+            "init_weight_norm: a tuple or list batch is (inputs, labels, ...) and the model is called on its "
+            "first element, as in every normlab tool; to pass several positional inputs use "
+            "forward=lambda model, batch: model(*batch)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     layers = list(_weight_normalized(model))
     if not layers:
         raise ValueError("init_weight_norm: expected a model with weight-normalized layers, found none")
@@ -370,7 +374,7 @@ def init_weight_norm(model: nn.Module, batch: Any, eps: float = 1e-6) -> list[st
         for _, module, _p in layers:
             handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(hook))
-        _call(model, batch)
+        call_model(model, batch, forward, "init_weight_norm")
     except BaseException:
         for module, (g, b) in saved.items():
             module.parametrizations.weight.original0.copy_(g)

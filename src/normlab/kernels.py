@@ -1,0 +1,265 @@
+"""Per-channel statistics and normalization kernels shared by the layers (below every layer).
+
+Statistics in float32 for half/bfloat16 inputs (:func:`stat_dtype`), torch's native batch-norm
+kernels wherever the maths allows, and on CPU a two-pass chunked statistics kernel that is faster
+than torch's for NCHW inputs (:func:`channel_stats`). :func:`channel_moments` is the differentiable
+per-channel mean and variance, local or over a process group.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .checks import check_global_count
+from .comm import global_sum
+
+__all__ = [
+    "LOW_PRECISION",
+    "reduce_dims",
+    "buffer_dtype",
+    "stat_dtype",
+    "accumulation_dtype",
+    "two_pass_stats",
+    "channel_stats",
+    "stats_and_output_buffer",
+    "inference_batch_norm",
+    "channel_moments",
+    "constant",
+    "memory_format_of",
+    "channel_shape",
+    "channel_affine",
+    "ema",
+]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """All dimensions of ``x`` but the channel dimension 1."""
+    return [0, *range(2, x.dim())]
+
+
+def buffer_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype of statistics kept for a layer of ``dtype``: float32 for half/bfloat16."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def stat_dtype(x: Tensor) -> torch.dtype:
+    """The dtype statistics are computed in: float32 for half/bfloat16 inputs."""
+    return buffer_dtype(x.dtype)
+
+
+def accumulation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    # Sums of x and x^2 over a global batch lose the variance to cancellation (and the count its
+    # exactness above 2^24) in float32: accumulate in float64 where the device has it.
+    if dtype == torch.float32 and device.type in ("cpu", "cuda"):
+        return torch.float64
+    return dtype
+
+
+# Bytes per chunk of channel_stats' two-pass path: a chunk stays in cache between its two passes.
+_CHUNK_BYTES = 1 << 21
+
+
+def two_pass_stats(x: Tensor) -> bool:
+    """Whether :func:`channel_stats` computes the statistics of ``x`` in its own two passes."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.dim() > 2
+        and x.is_contiguous()
+        and x.numel() > x.size(0) * x.size(1)  # samples, and a spatial extent
+    )
+
+
+def _native_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
+    # Given float32 running buffers, torch's kernel returns float32 statistics (without, they would be
+    # rounded to x's dtype); momentum 0 leaves these scratch buffers as they were.
+    scratch = torch.empty(2, x.size(1), device=x.device)
+    return torch.batch_norm_update_stats(x, scratch[0], scratch[1], 0.0)
+
+
+def channel_stats(x: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` ``(N, C, *)``, without autograd.
+
+    The statistics of torch's batch norm (float32 for half inputs). On CPU, torch's batch-norm
+    statistics kernel walks NCHW-contiguous inputs with a spatial extent at 2-3x the time of a plain
+    sum; for those (:func:`two_pass_stats`), two passes over cache-sized chunks of samples (the sum,
+    then the sum of squared deviations from the chunk's mean; chunks combined as in Chan, Golub and
+    LeVeque 1979) give the same statistics faster. Elsewhere (2-D, channels_last, half, GPU) torch's
+    kernel. ``scratch``, a contiguous buffer shaped like ``x`` that may be overwritten (say the output
+    about to be written), spares the two-pass path its temporary (at most a chunk).
+    """
+    return _two_pass_stats(x, scratch) if two_pass_stats(x) else _native_stats(x)
+
+
+def stats_and_output_buffer(x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`channel_stats` of ``x``, and the buffer that served as its scratch, for the output.
+
+    The buffer (``None`` where torch's kernel computed the statistics) is what a caller passes as
+    ``out`` to :func:`inference_batch_norm`, so the two-pass statistics cost no extra memory.
+    """
+    if not two_pass_stats(x):
+        return (*_native_stats(x), None)
+    out = torch.empty_like(x)
+    return (*_two_pass_stats(x, out), out)
+
+
+def inference_batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` on torch's inference kernel, into ``out`` if given."""
+    if out is None:
+        return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+    unused = mean.new_empty(0)  # the kernel's saved statistics, empty in inference
+    return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps, out=(out, unused, unused.clone()))[0]
+
+
+def _two_pass_stats(x: Tensor, scratch: Tensor | None) -> tuple[Tensor, Tensor]:
+    dims = reduce_dims(x)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    rows = max(1, _CHUNK_BYTES // (x[0].numel() * x.element_size()))
+    if scratch is None or scratch.shape != x.shape or not scratch.is_contiguous():
+        scratch = torch.empty_like(x[:rows], memory_format=torch.contiguous_format)
+    if rows >= x.size(0):
+        m = x.numel() // x.size(1)
+        mean = x.sum(dims).div_(m)
+        return mean, torch.sub(x, mean.view(shape), out=scratch).square_().sum(dims).div_(m)
+    sums, m2s, counts = [], [], []
+    for start, chunk in zip(range(0, x.size(0), rows), x.split(rows)):
+        buffer = scratch[start : start + rows] if scratch.size(0) == x.size(0) else scratch[: chunk.size(0)]
+        m = chunk.numel() // chunk.size(1)
+        s = chunk.sum(dims)
+        m2s.append(torch.sub(chunk, (s / m).view(shape), out=buffer).square_().sum(dims))
+        sums.append(s)
+        counts.append(m)
+    sums, m2s = torch.stack(sums), torch.stack(m2s)
+    count = torch.tensor(counts, dtype=x.dtype).unsqueeze(1)
+    total = x.numel() // x.size(1)
+    mean = sums.sum(0).div_(total)
+    spread = torch.sub(sums / count, mean).square_().mul_(count).sum(0)
+    return mean, m2s.sum(0).add_(spread).div_(total)
+
+
+class _LocalMoments(torch.autograd.Function):
+    """Per-channel mean and biased variance of ``x`` ``(N, C, *)`` by :func:`channel_stats`, differentiable.
+
+    ``torch.var_mean`` over the non-channel dimensions is 3-25x slower on CPU than
+    :func:`channel_stats`, which has no autograd formula; the backward is
+    ``dx = (g_mean + 2 g_var (x - mean)) / m``. Twice differentiable: under ``create_graph`` the
+    backward recomputes the mean from ``x`` so that its dependency on ``x`` is in the graph.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        mean, var = channel_stats(x)
+        ctx.save_for_backward(x, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, g_mean: Tensor, g_var: Tensor) -> Tensor:  # noqa: ANN001
+        x, mean = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            mean = x.mean(reduce_dims(x))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        m = x.numel() // x.size(1)
+        return torch.addcmul((g_mean / m).reshape(shape), x - mean.reshape(shape), (g_var * (2 / m)).reshape(shape))
+
+
+def channel_moments(
+    x: Tensor, group: Any | None = None, module: nn.Module | str = "channel_moments"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel batch mean, biased variance and sample count of ``x`` (differentiable).
+
+    Computed in float32 for half/bfloat16 inputs. With a process ``group`` the statistics are
+    those of the global batch: the count, sum and sum of squares (in float64 for float32
+    statistics) travel in one all_reduce, so processes with uneven or empty batches are weighted by
+    their counts. The sample-count check is then on the global batch: a ``ValueError``
+    (raised on every process alike, naming ``module``) unless there is more than one value per
+    channel in all.
+    """
+    sdt = stat_dtype(x)
+    dims = reduce_dims(x)
+    local = float(x.numel() // max(x.size(1), 1))
+    if group is None:
+        if local > 0:
+            mean, var = _LocalMoments.apply(x.to(sdt))
+        else:  # no samples: NaN statistics, as var_mean gives (callers check the count first)
+            var, mean = torch.var_mean(x.to(sdt), dim=dims, correction=0)
+        return mean, var, torch.tensor(local, dtype=sdt, device=x.device)
+    acc = accumulation_dtype(sdt, x.device)
+    if local > 0:
+        # The local sums of x and x^2 from the local mean and variance (torch's stable kernel): raw
+        # float32 squares of values far from zero would already have lost the variance.
+        mean, var = _LocalMoments.apply(x.to(sdt))
+        mean, var = mean.to(acc), var.to(acc)
+        s, ss = mean * local, (var + mean * mean) * local
+    else:
+        # Zeros that still depend on x, so that this process joins the all_reduce of the backward.
+        s = ss = x.to(sdt).sum(dims, dtype=acc)
+    count = torch.full((1,), local, dtype=acc, device=x.device)
+    s, ss, count = global_sum([s, ss, count], group)
+    count = count.reshape(())
+    check_global_count(count, module, x)
+    mean = s / count
+    var = (ss / count - mean * mean).clamp_min(0)
+    return mean.to(sdt), var.to(sdt), count.to(sdt)
+
+
+def constant(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A 0-d tensor holding ``value``, made once per (value, device, dtype); never modify it.
+
+    A Python number in a tensor op costs a tensor allocation per call, as much as a small op itself;
+    per-step constants (eps, fixed bounds, the step increment) are made once instead.
+    """
+    if torch.compiler.is_compiling():  # traced as a graph constant
+        return torch.tensor(value, device=device, dtype=dtype)
+    return _cached_constant(value, device, dtype)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_constant(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(value, device=device, dtype=dtype)
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The memory format ``x`` is laid out in (channels_last for 4-D/5-D NHWC tensors)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def channel_affine(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``(x - mean) * invstd * weight + bias`` along dimension 1, in ``x``'s dtype."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = invstd if weight is None else invstd * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)).to(x.dtype)
+
+
+def channel_shape(x: Tensor) -> tuple[int, ...]:
+    """The shape that broadcasts a per-channel vector against ``x`` ``(N, C, *)``."""
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+@torch.no_grad()
+def ema(running: Tensor, value: Tensor, factor: Tensor | float) -> None:
+    """In place ``running <- (1 - factor) * running + factor * value`` (in ``running``'s dtype)."""
+    value = value.detach().to(running.dtype)
+    if isinstance(factor, Tensor):
+        factor = factor.to(running.dtype)
+    running.lerp_(value, factor)
