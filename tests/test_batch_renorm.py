@@ -242,6 +242,7 @@ def test_schedule_makes_warm_up_plain_batchnorm():
 
 
 # ----------------------------------------------------------------------------- torch tooling
+@pytest.mark.slow  # compiling takes tens of seconds
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     eager = normlab.BatchRenorm(6, momentum=0.1, r_max=1.5, d_max=0.5)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normlab
+from _shared import resnet
 from normlab import CrossIterationBatchNorm
 from normlab.cross_iteration import compensate, pooled_batch_norm, producer_derivatives
 
@@ -465,34 +466,10 @@ def test_attach_moves_hook_and_replaced_layer_goes_quiet():
     conv_a(torch.randn(2, 3, 2, 2))  # no error, nothing kept
 
 
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
 def resnet_like() -> nn.Module:
+    """The shared ResNet with a BatchNorm1d fed by the classifier: seven norms, each right after its producer."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()),
-        Block(8, 8, 1),
-        Block(8, 16, 2),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-        nn.BatchNorm1d(10),
-    )
+    return resnet(num_classes=10, head_norm="post")
 
 
 def test_convert_pairs_every_conv_bn_in_resnet_like_model():
@@ -504,8 +481,9 @@ def test_convert_pairs_every_conv_bn_in_resnet_like_model():
     assert len(layers) == 7 and not report.skipped
     modules = dict(cbn.named_modules())
     expected = {
-        "0.1": "0.0", "1.bn1": "1.conv1", "1.bn2": "1.conv2", "2.bn1": "2.conv1", "2.bn2": "2.conv2",
-        "2.downsample.1": "2.downsample.0", "6": "5",
+        "bn1": "conv1", "layer1.0.bn1": "layer1.0.conv1", "layer1.0.bn2": "layer1.0.conv2",
+        "layer2.0.bn1": "layer2.0.conv1", "layer2.0.bn2": "layer2.0.conv2",
+        "layer2.0.downsample.1": "layer2.0.downsample.0", "head_norm": "fc",
     }  # fmt: skip
     for norm, prod in expected.items():
         assert layers[norm].producer is modules[prod]
@@ -529,7 +507,7 @@ def test_convert_pairs_every_conv_bn_in_resnet_like_model():
     buf = io.BytesIO()
     torch.save(cbn, buf)
     loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
-    assert loaded[1].bn1.producer is loaded[1].conv1
+    assert loaded.layer1[0].bn1.producer is loaded.layer1[0].conv1
     loaded(torch.randn(2, 3, 8, 8))
 
 

@@ -358,6 +358,9 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> Callable[[i
     return get
 
 
+# The processes run every check at once, in the first test of each world size; the others read the results.
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
 @pytest.mark.parametrize("check", list(CHECKS))
 @pytest.mark.parametrize("world", WORLDS)

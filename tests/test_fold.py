@@ -1,5 +1,5 @@
 """Folding normalization layers for deployment: the folded model computes what the eval model
-computes, for every variant, on a ResNet-style model and an MLP; references for the pieces are
+computes, for every variant, on the shared ResNet-style model and an MLP; references for the pieces are
 written from the maps ``y = A x + b``."""
 
 from __future__ import annotations
@@ -15,90 +15,57 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normlab
+from _shared import resnet, to_kind
 from normlab.base import is_stat_norm
 from normlab.fold import ChannelAffine, find_pairs, fold_pair
 
 D = torch.float64
-KINDS = ["torch", "bn", "brn", "dbn", "mobn", "cbn"]
 # The channel-wise layers' inference_affine is computed in float32 (normlab.base), so float64
 # models agree to float32 rounding.
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 # ----------------------------------------------------------------------------- models
-def norm_factory(kind: str):  # noqa: ANN201
-    if kind == "bn":
-        return lambda c, dims: normlab.BatchNorm(c)
-    return lambda c, dims: {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims](c)
+def fold_resnet(kind: str) -> nn.Module:
+    """The shared ResNet with a bias in the stem conv (unlike the blocks) and a BatchNorm1d on the pooled
+    features (no producer: it becomes a ChannelAffine). Six channels in the second stage: with groups of 4,
+    DecorrelatedBatchNorm pads its second group there.
 
-
-class Block(nn.Module):
-    """A ResNet basic block: conv1 -> bn1 -> relu -> conv2 -> bn2, plus a (conv, bn) shortcut."""
-
-    def __init__(self, cin: int, cout: int, stride: int, norm) -> None:  # noqa: ANN001
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = norm(cout, 2)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = norm(cout, 2)
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout, 2))
-            if stride != 1 or cin != cout
-            else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet(nn.Module):
-    def __init__(self, norm) -> None:  # noqa: ANN001
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1)  # with a bias, unlike the blocks
-        self.bn1 = norm(4, 2)
-        self.layer1 = nn.Sequential(Block(4, 6, 2, norm), Block(6, 6, 1, norm))
-        self.head_norm = norm(6, 1)  # after pooling: no producer, becomes a ChannelAffine
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer1(x)
-        return self.fc(self.head_norm(x.mean((2, 3))))
+    DecorrelatedBatchNorm's autograd Function returns a view, which may not be modified in place yet (a
+    known issue, with a fix to come): with dbn the blocks add the shortcut and apply the ReLUs out of place.
+    """
+    return resnet(widths=(4, 6), num_classes=5, head_norm="pre", stem_bias=True, inplace=kind != "dbn")
 
 
 RESNET_PAIRS = {
     ("conv1", "bn1"),
     ("layer1.0.conv1", "layer1.0.bn1"),
     ("layer1.0.conv2", "layer1.0.bn2"),
-    ("layer1.0.downsample.0", "layer1.0.downsample.1"),
-    ("layer1.1.conv1", "layer1.1.bn1"),
-    ("layer1.1.conv2", "layer1.1.bn2"),
+    ("layer2.0.conv1", "layer2.0.bn1"),
+    ("layer2.0.conv2", "layer2.0.bn2"),
+    ("layer2.0.downsample.0", "layer2.0.downsample.1"),
 }
 
 
-def mlp(norm) -> nn.Sequential:  # noqa: ANN001
+def mlp() -> nn.Sequential:
     return nn.Sequential(
-        norm(5, 1),  # input normalization: no producer
+        nn.BatchNorm1d(5),  # input normalization: no producer
         nn.Linear(5, 8),
-        norm(8, 1),
+        nn.BatchNorm1d(8),
         nn.ReLU(),
         nn.Linear(8, 8, bias=False),
-        norm(8, 1),
+        nn.BatchNorm1d(8),
         nn.ReLU(),
         nn.Linear(8, 3),
-        norm(3, 1),
+        nn.BatchNorm1d(3),
     )
 
 
 def build(kind: str, arch: str) -> nn.Module:
     torch.manual_seed(0)
-    model = (ResNet if arch == "resnet" else mlp)(norm_factory(kind))
-    if kind in ("brn", "dbn", "mobn", "cbn"):
-        kwargs = {"dbn": {"group_size": 4}, "cbn": {"window": 3}}.get(kind, {})
-        with pytest.warns(UserWarning) if kind == "cbn" else contextlib.nullcontext():  # unpaired CBNs warn
-            model = normlab.convert(model, kind, **kwargs)
+    model = fold_resnet(kind) if arch == "resnet" else mlp()
+    with pytest.warns(UserWarning) if kind == "cbn" else contextlib.nullcontext():  # unpaired CBNs warn
+        model = to_kind(model, kind)
     model = model.to(D)
     # Non-trivial statistics and affine parameters: a few training steps on shifted, scaled data.
     g = torch.Generator().manual_seed(1)
@@ -123,10 +90,9 @@ def stat_norms(model: nn.Module) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- whole models
-@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("arch", ["resnet", "mlp"])
-def test_fold_equals_eval_model(kind: str, arch: str) -> None:
-    model = build(kind, arch)
+def test_fold_equals_eval_model(stat_kind: str, arch: str) -> None:
+    model = build(stat_kind, arch)
     state = copy.deepcopy(model.state_dict())
     model.train()
     folded = normlab.fold(model)
@@ -146,7 +112,7 @@ def test_fold_equals_eval_model(kind: str, arch: str) -> None:
         assert all(isinstance(folded.get_submodule(b), nn.Identity) for _, b in RESNET_PAIRS)
     else:
         assert set(find_pairs(model)) == {("1", "2"), ("4", "5"), ("7", "8")}
-    if kind == "dbn":  # the whitening matrix mixes channels: the unpaired layer keeps a (C, C) matrix
+    if stat_kind == "dbn":  # the whitening matrix mixes channels: the unpaired layer keeps a (C, C) matrix
         assert folded.get_submodule(affines[0]).weight.shape == ((5, 5) if arch == "mlp" else (6, 6))
 
 
