@@ -162,7 +162,7 @@ def test_claim_verdict_follows_the_numbers(name: str, make, good: tuple, bad: tu
 
 
 def test_non_iid_drop_within_seed_noise_is_not_an_effect() -> None:
-    from normlab.lab.experiments.non_iid import paired_difference
+    from normlab.lab.experiments.common import paired_difference
 
     m, se = paired_difference([96.0, 96.0, 96.0], [95.0, 90.0, 97.0])  # drops 1, 6, -1
     assert m == pytest.approx(2.0) and se == pytest.approx(((1 + 16 + 9) / 2) ** 0.5 / 3**0.5)

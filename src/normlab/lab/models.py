@@ -16,7 +16,7 @@ from torch import nn
 
 import normlab
 
-__all__ = ["cnn", "mlp", "with_norm", "norm_layers", "count_parameters", "output_moments"]
+__all__ = ["cnn", "mlp", "with_norm", "run_with_hooks"]
 
 
 def cnn(in_channels: int = 1, width: int = 16, num_classes: int = 10, dims: int = 2) -> nn.Sequential:
@@ -58,12 +58,6 @@ def mlp(in_features: int, hidden: int = 64, depth: int = 3, num_classes: int = 1
     return nn.Sequential(*layers)
 
 
-def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's normalization layers (torch's and normlab's, GroupNorm included), in order."""
-    kinds = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, normlab.NormBase)
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
-
-
 def _strip_norms(model: nn.Module) -> None:
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
@@ -81,11 +75,6 @@ def with_norm(model: nn.Module, kind: str, **options: Any) -> nn.Module:
     return normlab.convert(model, kind, **options)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """The number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def run_with_hooks(model: nn.Module, x: torch.Tensor, layers: list[nn.Module], hook: Callable[..., None]) -> None:
     """Run ``model(x)`` with the forward ``hook`` on each of ``layers`` (removed afterwards)."""
     handles = [m.register_forward_hook(hook) for m in layers]
@@ -94,17 +83,3 @@ def run_with_hooks(model: nn.Module, x: torch.Tensor, layers: list[nn.Module], h
     finally:
         for h in handles:
             h.remove()
-
-
-@torch.no_grad()
-def output_moments(model: nn.Module, x: torch.Tensor, layers: list[nn.Module]) -> list[tuple[float, float]]:
-    """Per layer in ``layers``: the mean over units of the per-unit output mean and variance on ``x``."""
-    seen: list[tuple[float, float]] = []
-
-    def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
-        dims = [0, *range(2, out.dim())]
-        var, mean = torch.var_mean(out.float(), dim=dims, correction=0)
-        seen.append((float(mean.mean()), float(var.mean())))
-
-    run_with_hooks(model, x, layers, hook)
-    return seen

@@ -32,6 +32,8 @@ from .data import Split, class_batches, iid_batches
 
 __all__ = [
     "PRESETS",
+    "SEED_STRIDE",
+    "SEED_RULE",
     "Context",
     "Dist",
     "TrainConfig",
@@ -44,6 +46,8 @@ __all__ = [
 ]
 
 PRESETS = ("tiny", "quick", "full")
+SEED_STRIDE = 1000  # run seeds per base seed: two base seeds share no run seed below this many repetitions
+SEED_RULE = f"repetition s (0, 1, ...) trains with seed * {SEED_STRIDE} + s: initial weights and minibatch order"
 
 
 def seed_everything(seed: int) -> None:
@@ -127,16 +131,19 @@ class Context:
         """The value for this run's preset."""
         return {"tiny": tiny, "quick": quick, "full": full}[self.preset]
 
+    def run_seed(self, s: int) -> int:
+        """The seed of repetition ``s`` (0, 1, ...) of an experiment: ``seed * SEED_STRIDE + s``.
+
+        Every experiment seeds its initial weights and its minibatch order with it (:data:`SEED_RULE`,
+        recorded in each ``results.json``).
+        """
+        return self.seed * SEED_STRIDE + s
+
     def bar(self, iterable: Iterable[Any] | None = None, total: int | None = None, desc: str = "") -> Any:
         """A tqdm progress bar on stderr (silent when disabled or off rank 0)."""
         tqdm = require("tqdm").tqdm
         disable = not (self.progress and self.dist.main)
         return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, disable=disable, dynamic_ncols=True)
-
-    def log(self, message: str) -> None:
-        """Print ``message`` to stderr on rank 0."""
-        if self.dist.main:
-            print(message, file=sys.stderr, flush=True)
 
 
 @dataclass

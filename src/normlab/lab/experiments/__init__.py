@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..report import Claim, format_table, markdown_table, versions, write_outputs
-from ..train import Context, seed_everything
+from ..train import SEED_RULE, Context, seed_everything
 
 __all__ = ["Experiment", "EXPERIMENTS", "get", "run_experiment", "run_all"]
 
@@ -66,7 +66,7 @@ def run_experiment(name: str, ctx: Context, out: Path | None = None) -> dict[str
         "experiment": name,
         "preset": ctx.preset,
         "seed": ctx.seed,
-        "seed_rule": "repetition s (0, 1, ...) trains with seed * 1000 + s: initial weights and minibatch order",
+        "seed_rule": SEED_RULE,  # the rule Context.run_seed implements
         "device": str(ctx.device),
         "processes": ctx.dist.world,
         "wall_seconds": wall,

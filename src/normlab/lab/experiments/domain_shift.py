@@ -6,7 +6,7 @@ Source: scikit-learn's digits. Targets: the same digits (train images for adapta
 evaluation) after a change of appearance: lower contrast with a brighter background, inversion,
 additive Gaussian noise, and a small affine change (shift by one pixel and 10 % zoom). Every domain is
 standardized with the *source* statistics, as a deployed model would be. The per-layer statistic
-shift (:func:`normlab.statistics.statistic_shift`: mean symmetric KL divergence between each layer's
+shift (:func:`normlab.statistic_shift`: mean symmetric KL divergence between each layer's
 stored statistics and its input statistics on the held-out target test images) is measured before
 and after adaptation.
 The paper's claim: replacing the source statistics by target statistics raises target accuracy,
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlab import statistics as stats
+import normlab
 
 from ..data import digits, subset
 from ..models import cnn
@@ -82,7 +82,7 @@ def run(ctx: Context) -> dict[str, Any]:
     per_layer: dict[str, dict[str, list[float]]] = {}
     with ctx.bar(total=seeds * (1 + len(SHIFTS)), desc="domain-shift") as bar:
         for s in range(seeds):
-            seed = ctx.seed * 1000 + s
+            seed = ctx.run_seed(s)
             torch.manual_seed(seed)
             src = type(raw)(raw.name, (raw.x_train - mean) / std, raw.y_train, (raw.x_test - mean) / std, raw.y_test)
             model = cnn(1, width, 10, dims=2).to(ctx.device)
@@ -97,9 +97,9 @@ def run(ctx: Context) -> dict[str, Any]:
                 target_train = (f(raw.x_train, g) - mean) / std
                 target_test = (f(raw.x_test, g) - mean) / std
                 # Adapt on the target's training images; measure the shift on its held-out test images.
-                before = stats.statistic_shift(model, None, _batches(target_test), device=ctx.device)
-                adapted = stats.adapt(copy.deepcopy(model), _batches(target_train), mode=mode, device=ctx.device)
-                after = stats.statistic_shift(adapted, None, _batches(target_test), device=ctx.device)
+                before = normlab.statistic_shift(model, None, _batches(target_test), device=ctx.device)
+                adapted = normlab.adapt(copy.deepcopy(model), _batches(target_train), mode=mode, device=ctx.device)
+                after = normlab.statistic_shift(adapted, None, _batches(target_test), device=ctx.device)
                 a = acc.setdefault(name, {})
                 a.setdefault("source-only", []).append(100 * evaluate(model, target_test, raw.y_test)[0])
                 a.setdefault("AdaBN", []).append(100 * evaluate(adapted, target_test, raw.y_test)[0])

@@ -24,21 +24,17 @@ test accuracy with non-i.i.d. minibatches is below its i.i.d. accuracy by more t
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import normlab
-
 from ..data import digits, standardize, subset
 from ..models import cnn, with_norm
-from ..report import Claim, Criterion, mean_std, pyplot
+from ..report import Claim, mean_std, pyplot
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import save
+from .common import exceeds, norm_options, paired_difference, save
 
 NORMS = ("bn", "brn")
 LABELS = {"bn": "BN", "brn": "BRN"}
@@ -47,23 +43,6 @@ PER_CLASS = 2  # the paper's examples per label
 CLASSES_PER_BATCH = 4
 RECOVERY_MIN = 0.5  # "most" of BN's loss: more than half
 NOISE_SE = 2.0  # an effect must exceed this many standard errors of the paired seed differences
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of ``a[s] - b[s]`` over seeds ``s`` (paired); the error is 0 for one seed."""
-    d = [x - y for x, y in zip(a, b)]
-    if not d:
-        return float("nan"), float("nan")
-    m = sum(d) / len(d)
-    if len(d) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
-
-
-def exceeds(claim: Claim, description: str, value: float, threshold: float) -> None:
-    """Add the strict criterion ``value > threshold`` (an effect must be larger than the noise, not equal to it)."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and value > threshold
-    claim.criteria.append(Criterion(description, float(value), float(threshold), ok))
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -83,10 +62,10 @@ def run(ctx: Context) -> dict[str, Any]:
     jobs = [(k, o, s) for s in range(seeds) for o in ORDERS for k in NORMS]
     with ctx.bar(total=len(jobs), desc="non-iid") as bar:
         for kind, order, s in jobs:
-            seed = ctx.seed * 1000 + s
+            seed = ctx.run_seed(s)
             cfg = TrainConfig(epochs, batch, lr, classes_per_batch=CLASSES_PER_BATCH if order == "non-iid" else None)
             torch.manual_seed(seed)
-            model = with_norm(cnn(1, width, 10, dims=2), kind, **_options(kind, steps))
+            model = with_norm(cnn(1, width, 10, dims=2), kind, **norm_options(kind, steps))
             hist = fit(model, split, cfg, ctx, seed=seed, desc=f"{kind} {order}")
             acc[kind][order].append(100 * evaluate(model, split.x_test, split.y_test)[0])
             train_acc[kind][order].append(100 * evaluate(model, split.x_train, split.y_train)[0])
@@ -106,12 +85,6 @@ def run(ctx: Context) -> dict[str, Any]:
         "claim_thresholds": {"recovery_min": RECOVERY_MIN, "effect_min_standard_errors": NOISE_SE},
     }
     return {"settings": settings, "accuracy": acc, "train_accuracy": train_acc, "curves": curves, "notes": []}
-
-
-def _options(kind: str, steps: int) -> dict[str, Any]:
-    if kind == "brn":
-        return {"momentum": 0.1, **normlab.paper_schedule(steps / 130_000)}
-    return {}
 
 
 def _accs(results: dict[str, Any], kind: str, order: str) -> list[float]:

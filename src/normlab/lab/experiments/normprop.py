@@ -123,7 +123,7 @@ def run(ctx: Context) -> dict[str, Any]:
     total = seeds * len(VARIANTS) + 2
     with ctx.bar(total=total, desc="normprop") as bar:
         for s in range(seeds):
-            seed = ctx.seed * 1000 + s
+            seed = ctx.run_seed(s)
             for label in VARIANTS:
                 torch.manual_seed(seed)
                 model, layers = _build(label, normprop.Standardize(mean, sd, dim=1))
@@ -140,7 +140,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 acc[label].append(100 * evaluate(model, split.x_test, split.y_test)[0])
                 bar.update(1)
         # Batch size 1: NormProp trains; BN cannot normalize a single value per unit.
-        seed = ctx.seed * 1000
+        seed = ctx.run_seed(0)
         cfg1 = TrainConfig(epochs1, 1, lr / 32)
         torch.manual_seed(seed)
         model, _ = _build("NormProp", normprop.Standardize(mean, sd, dim=1))

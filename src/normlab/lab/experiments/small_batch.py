@@ -18,39 +18,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import normlab
-
 from ..data import digits, standardize, subset
 from ..models import cnn, with_norm
 from ..report import Claim, mean_std, pyplot
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import save
+from .common import NORM_OPTION_NOTES, norm_options, save
 
 NORMS = ("bn", "brn", "cbn", "gn", "dbn")
 LABELS = {"bn": "BN", "brn": "BRN", "cbn": "CBN", "gn": "GN", "dbn": "DBN"}
 BN_EXCESS_MIN = 5.0  # points BN must lose beyond GN's loss from its best batch size to the smallest
 CBN_EXCESS_MAX = 5.0  # points CBN may lose beyond GN's
-
-OPTION_NOTES = {
-    "bn": "torch BatchNorm2d, momentum 0.1",
-    "brn": "momentum 0.1, r_max/d_max: paper_schedule(steps / 130000) (the paper's warm-up over this run's steps)",
-    "cbn": "window 8 (the paper's k), burn_in = steps // 4",
-    "gn": "num_groups 4",
-    "dbn": "group_size 8, ZCA",
-}
-
-
-def _options(kind: str, steps: int) -> dict[str, Any]:
-    if kind == "brn":
-        return {"momentum": 0.1, **normlab.paper_schedule(steps / 130_000)}
-    if kind == "gn":
-        return {"num_groups": 4}
-    if kind == "cbn":
-        return {"window": 8, "burn_in": steps // 4}
-    if kind == "dbn":
-        return {"group_size": 8}
-    return {}
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -70,10 +48,10 @@ def run(ctx: Context) -> dict[str, Any]:
     jobs = [(k, b, s) for s in range(seeds) for b in batches for k in norms]
     with ctx.bar(total=len(jobs), desc="small-batch") as bar:
         for kind, b, s in jobs:
-            seed = ctx.seed * 1000 + s
+            seed = ctx.run_seed(s)
             cfg = TrainConfig(epochs=epochs, batch_size=b, lr=base_lr * b / 32)
             steps = count_steps(split, cfg)
-            model = with_norm(_model(seed, width), kind, **_options(kind, steps))
+            model = with_norm(_model(seed, width), kind, **norm_options(kind, steps))
             fit(model, split, cfg, ctx, seed=seed, desc=f"{kind} b={b}")
             acc[kind][str(b)].append(100 * evaluate(model, split.x_test, split.y_test)[0])
             steps_of[str(b)] = steps
@@ -86,7 +64,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "epochs": epochs,
         "optimizer": f"SGD momentum 0.9, lr = {base_lr} * batch / 32",
         "steps_per_batch_size": steps_of,
-        "options": {k: OPTION_NOTES[k] for k in norms},
+        "options": {k: NORM_OPTION_NOTES[k] for k in norms},
         "claim_thresholds": {"bn_excess_min_points": BN_EXCESS_MIN, "cbn_excess_max_points": CBN_EXCESS_MAX},
     }
     return {"settings": settings, "accuracy": acc, "notes": notes}

@@ -44,7 +44,7 @@ from ..models import cnn, with_norm
 from ..report import Claim, mean_std, pyplot
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import save
+from .common import curve_means, save
 
 VARIANTS = ("plain", "WN", "WN + init", "WN + mean-only BN", "BN")
 LR = 0.003  # Adam, WN / BN / mean-only BN (the paper's Figure 2)
@@ -114,7 +114,7 @@ def run(ctx: Context) -> dict[str, Any]:
     plain: dict[float, dict[str, list]] = {lr: {"curves": [], "acc": [], "ms": []} for lr in PLAIN_LRS}
     with ctx.bar(total=len(jobs), desc="weight-norm") as bar:
         for label, lr, s in jobs:
-            seed = ctx.seed * 1000 + s
+            seed = ctx.run_seed(s)
             cfg = TrainConfig(epochs, batch, lr, optimizer="adam", decay_from=DECAY_FROM)
             torch.manual_seed(seed)
             pick = torch.randperm(len(split.y_train), generator=torch.Generator().manual_seed(seed))[:256]
@@ -145,14 +145,13 @@ def run(ctx: Context) -> dict[str, Any]:
 
 
 def _run_mean(runs: list[list[float]]) -> float:
-    value = mean_std([sum(c) / len(c) for c in runs if c])[0]
+    value = mean_std(curve_means(runs))[0]
     return value if value == value else float("inf")  # a diverged (nan) run never counts as the best
 
 
 def mean_loss(results: dict[str, Any], label: str) -> float:
     """Training loss averaged over the run and the seeds (lower: faster training)."""
-    runs = results["curves"].get(label, [])
-    return mean_std([sum(c) / len(c) for c in runs if c])[0]
+    return mean_std(curve_means(results["curves"].get(label, [])))[0]
 
 
 def claim(results: dict[str, Any]) -> Claim:

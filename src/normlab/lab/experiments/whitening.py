@@ -34,12 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from ..data import mnist1d, standardize, subset
-from ..models import mlp, with_norm
+from ..models import mlp, run_with_hooks, with_norm
 from ..report import Claim, mean_std, pyplot
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import save
-from .non_iid import exceeds, paired_difference
+from .common import curve_means, exceeds, paired_difference, save
 
 GROUP = 16
 HIDDEN = 128
@@ -78,12 +77,9 @@ def conditioning(model: nn.Sequential, probe: Tensor) -> float:
     was = model.training
     model.eval()
     outs: list[Tensor] = []
-    handles = [model[i].register_forward_hook(lambda _m, _i, o: outs.append(o)) for i in _norm_positions(model)]
     try:
-        model(probe)
+        run_with_hooks(model, probe, [model[i] for i in _norm_positions(model)], lambda _m, _i, o: outs.append(o))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was)
     return sum(log10_condition(o) for o in outs) / len(outs)
 
@@ -145,7 +141,7 @@ def run(ctx: Context) -> dict[str, Any]:
     with ctx.bar(total=len(jobs), desc="whitening") as bar:
         for label, lr, s in jobs:
             cfg = TrainConfig(epochs, batch, lr, momentum=0.0)
-            runs[label][lr].append(_train(label, variants, lr, ctx.seed * 1000 + s, split, cfg, ctx, probe, every))
+            runs[label][lr].append(_train(label, variants, lr, ctx.run_seed(s), split, cfg, ctx, probe, every))
             bar.update(1)
     curves: dict[str, list[list[float]]] = {}
     cond_curves: dict[str, list[list[float]]] = {}
@@ -197,8 +193,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
 def mean_loss(results: dict[str, Any], label: str) -> float:
     """Training loss averaged over the run and the seeds (the area under the curve: lower is faster)."""
-    runs = results["loss_curves"].get(label, [])
-    return mean_std([sum(c) / len(c) for c in runs if c])[0]
+    return mean_std(_run_means(results, label))[0]
 
 
 def final_loss(results: dict[str, Any], label: str) -> float:
@@ -207,7 +202,7 @@ def final_loss(results: dict[str, Any], label: str) -> float:
 
 
 def _run_means(results: dict[str, Any], label: str) -> list[float]:
-    return [sum(c) / len(c) for c in results["loss_curves"].get(label, []) if c]
+    return curve_means(results["loss_curves"].get(label, []))
 
 
 def claim(results: dict[str, Any]) -> Claim:
