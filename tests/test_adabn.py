@@ -13,7 +13,8 @@ from torch.distributions import Normal, kl_divergence
 
 import normlab
 from _shared import to_kind
-from normlab.statistics import stat_layers, symmetric_kl
+from normlab.base import stat_layers
+from normlab.diagnostics import symmetric_kl
 
 D = torch.float64
 EPS = 1e-5

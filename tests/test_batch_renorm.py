@@ -155,7 +155,7 @@ def test_gradcheck_train_with_saturated_corrections(shape, affine):
     inputs = (x, w, b) if affine else (x,)
 
     def f(x, w=None, b=None):
-        return batch_renorm(x, rm, rv, w, b, r_max=1.5, d_max=0.5)
+        return batch_renorm(x, rm, rv, w, b, True, None, r_max=1.5, d_max=0.5)
 
     assert gradcheck(f, inputs)
 
@@ -170,7 +170,7 @@ def test_gradcheck_train_gradient_with_free_corrections_matches_stop_gradient_re
     x = torch.randn(5, c, 4, dtype=D)
     w = torch.randn(c, dtype=D, requires_grad=True)
     b = torch.randn(c, dtype=D, requires_grad=True)
-    assert gradcheck(lambda w, b: batch_renorm(x, rm, rv, w, b, 10.0, 10.0), (w, b))
+    assert gradcheck(lambda w, b: batch_renorm(x, rm, rv, w, b, True, None, r_max=10.0, d_max=10.0), (w, b))
 
 
 def test_gradcheck_eval():

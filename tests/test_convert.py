@@ -118,16 +118,7 @@ def test_report_is_readable():
     assert "7 converted, 0 skipped" in text and "layer1.0.bn1: BatchNorm2d -> BatchRenorm" in text
 
 
-# DecorrelatedBatchNorm's autograd Function returns a view, which the block's in-place ReLU and
-# residual add (``out += identity``) may not modify: a known issue, with a fix to come.
-_DBN_INPLACE = pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=False,
-    reason="DecorrelatedBatchNorm's output is a view that cannot be modified in place",
-)
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=_DBN_INPLACE) if k == "dbn" else k for k in STAT_KINDS])
+@pytest.mark.parametrize("kind", STAT_KINDS)
 def test_every_kind_trains_in_the_resnet_with_inplace_residual_add(kind):
     torch.manual_seed(0)
     with warnings.catch_warnings():

@@ -22,7 +22,7 @@ from torch import nn
 import normlab
 from _shared import resnet
 from normlab import CrossIterationBatchNorm
-from normlab.cross_iteration import compensate, pooled_batch_norm, producer_derivatives
+from normlab.cross_iteration import _pooled_step, compensate, pooled_batch_norm, producer_derivatives
 
 DT = torch.float64
 EPS = 1e-5
@@ -234,16 +234,15 @@ def test_gradcheck_current_iteration_path():
     past_mean = torch.randn(3, 3, dtype=DT)
     past_sqmean = past_mean**2 + torch.rand(3, 3, dtype=DT)
     past_sqmean[0, 0] = 0.0  # below mu^2: exercises the max
+    past = {"past_mean": past_mean, "past_sqmean": past_sqmean}
     assert torch.autograd.gradcheck(
-        lambda x: pooled_batch_norm(x, past_mean, past_sqmean, None, None)[0], (x,), eps=1e-6
+        lambda x: pooled_batch_norm(x, None, None, None, None, True, **past), (x,), eps=1e-6
     )
     assert torch.autograd.gradcheck(
-        lambda x, w, b: pooled_batch_norm(x, past_mean, past_sqmean, w, b)[0], (x, w, b), eps=1e-6
+        lambda x, w, b: pooled_batch_norm(x, None, None, w, b, True, **past), (x, w, b), eps=1e-6
     )
     x2 = torch.randn(4, 3, dtype=DT, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda x: pooled_batch_norm(x, past_mean[:0], past_sqmean[:0], None, None)[0], (x2,)
-    )
+    assert torch.autograd.gradcheck(lambda x: pooled_batch_norm(x, None, None, None, None, True), (x2,))
 
 
 def test_pooled_batch_norm_equation():
@@ -251,7 +250,7 @@ def test_pooled_batch_norm_equation():
     x = torch.randn(2, 3, 4, dtype=DT)
     pm = torch.randn(2, 3, dtype=DT)
     ps = torch.stack([pm[0] ** 2 + 1.0, pm[1] ** 2 - 0.5])  # the second below mu^2
-    y, mean, var, count = pooled_batch_norm(x, pm, ps, None, None)
+    y, mean, var, count = _pooled_step(x, None, None, pm, ps, EPS, None)
     mu_t = x.mean((0, 2))
     nu_t = (x * x).mean((0, 2))
     mu_bar = (mu_t + pm.sum(0)) / 3
@@ -260,7 +259,40 @@ def test_pooled_batch_norm_equation():
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(mean, mu_t)
     torch.testing.assert_close(var, x.var((0, 2), correction=0))
-    assert count.item() == 8
+    assert count == 8
+    torch.testing.assert_close(pooled_batch_norm(x, None, None, None, None, True, past_mean=pm, past_sqmean=ps), y)
+
+
+def test_functional_core_has_batch_norm_shape():
+    """pooled_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, *, past...)
+    moves the given running statistics as BatchNorm does, and in eval is BatchNorm's inference."""
+    x = torch.randn(6, 3, 5, dtype=DT)
+    w, b = torch.rand(3, dtype=DT) + 0.5, torch.randn(3, dtype=DT)
+    pm = torch.randn(2, 3, dtype=DT)
+    ps = pm**2 + 1.0
+    rm, rv = torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT)
+    bn = nn.BatchNorm1d(3, momentum=0.2, dtype=DT)
+    pooled_batch_norm(x, rm, rv, w, b, True, 0.2, past_mean=pm, past_sqmean=ps)
+    bn(x)
+    torch.testing.assert_close((rm, rv), (bn.running_mean, bn.running_var))
+    torch.testing.assert_close(
+        pooled_batch_norm(x, rm, rv, w, b, False), F.batch_norm(x, rm, rv, w, b, False, eps=EPS)
+    )
+    with pytest.raises(ValueError, match="pooled_batch_norm.*more than 1 value"):
+        pooled_batch_norm(x[:1, :, :1], rm, rv, w, b, True)
+
+
+def test_deprecated_forms_warn_and_agree():
+    x = torch.randn(4, 3, 5, dtype=DT)
+    pm = torch.randn(2, 3, dtype=DT)
+    ps = pm**2 + 1.0
+    with pytest.warns(DeprecationWarning, match="pooled_batch_norm"):
+        old = pooled_batch_norm(x, pm, ps, None, None)
+    for a, e in zip(old, _pooled_step(x, None, None, pm, ps, EPS, None)):
+        torch.testing.assert_close(a, torch.as_tensor(e, dtype=DT))
+    with pytest.warns(DeprecationWarning, match="keyword-only"):
+        layer = CrossIterationBatchNorm(4, 1e-5, 0.1, True, True, 5, 2)
+    assert (layer.window, layer.burn_in) == (5, 2)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -52,6 +52,14 @@ def ref_dbn(x, weight, bias, group_size, method, eps, iterations=5):
     return Y.reshape(c, n, *x.shape[2:]).transpose(0, 1), mats
 
 
+def dbn_step(x, weight, bias, group_size, method, eps, iterations=5):
+    """The layer's training step: ``(y, mean, cov, W, m)`` (no running statistics)."""
+    from normlab.decorrelated import _batch_step, group_layout
+
+    G, g = group_layout(x.size(1), group_size)
+    return _batch_step(x, weight, bias, G, g, eps, method, iterations, None)
+
+
 def group_cov(y, group_size):
     c = y.size(1)
     Y = y.transpose(0, 1).reshape(c, -1)
@@ -139,7 +147,9 @@ def test_strided_input_and_gradient_without_affine(method):
 @pytest.mark.parametrize("shape,group_size", [((12, 6), 4), ((4, 5, 2, 3), 3)])
 def test_gradcheck(method, shape, group_size):
     x, w, b = inputs(shape, seed=1)
-    fn = lambda x, w, b: decorrelated_batch_norm(x, w, b, group_size, method, 1e-3)[0]  # noqa: E731
+    fn = lambda x, w, b: decorrelated_batch_norm(  # noqa: E731
+        x, None, None, w, b, True, None, 1e-3, group_size=group_size, method=method
+    )
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
@@ -152,7 +162,7 @@ def test_synchronized_path_matches_in_one_process(method, shape, group_size):
 
     x, w, b = inputs(shape, seed=12)
     G, g = group_layout(shape[1], group_size)
-    fused = decorrelated_batch_norm(x, w, b, group_size, method, 1e-3)
+    fused = dbn_step(x, w, b, group_size, method, 1e-3)
     composed = _dbn_global(x, w, b, G, g, 1e-3, method, 5, None)
     for a, e in zip(composed[:4], fused[:4]):
         torch.testing.assert_close(a, e)
@@ -201,7 +211,7 @@ def test_output_is_white(method, shape, group_size):
     x, _, _ = inputs(shape, seed=2, mixing=0.1 if method == "newton" else 0.3)
     iterations = 12
     layer = normlab.DecorrelatedBatchNorm(
-        shape[1], group_size, method, eps=1e-9, affine=False, iterations=iterations, dtype=D64
+        shape[1], group_size=group_size, method=method, eps=1e-9, affine=False, iterations=iterations, dtype=D64
     )
     y = layer(x.detach())
     for cov in group_cov(y, group_size):
@@ -211,7 +221,7 @@ def test_output_is_white(method, shape, group_size):
 def test_zca_whitening_matrix_is_symmetric_and_pca_is_not():
     x, _, _ = inputs((64, 8), seed=4)
     for method, symmetric in (("zca", True), ("pca", False)):
-        W = decorrelated_batch_norm(x.detach(), None, None, 8, method, 1e-5)[3]
+        W = dbn_step(x.detach(), None, None, 8, method, 1e-5)[3]
         assert torch.allclose(W, W.mT, atol=1e-12) is symmetric
 
 
@@ -237,7 +247,7 @@ def test_group_size_one_is_batchnorm():
 
 def test_group_size_at_least_c_whitens_all_channels_together():
     x, w, b = inputs((50, 6), seed=6)
-    y = decorrelated_batch_norm(x, w, b, 100, "zca", 1e-4)[0]
+    y = dbn_step(x, w, b, 100, "zca", 1e-4)[0]
     y_ref, _ = ref_dbn(x, w, b, 6, "zca", 1e-4)
     torch.testing.assert_close(y, y_ref)
     assert normlab.DecorrelatedBatchNorm(6, group_size=100).running_whitening.shape == (1, 6, 6)
@@ -262,7 +272,7 @@ def degenerate_cases():
 def test_degenerate_inputs_give_finite_outputs_and_gradients(method, case, dtype):
     x, group_size = degenerate_cases()[case]
     x = x.to(dtype).requires_grad_(True)
-    layer = normlab.DecorrelatedBatchNorm(x.size(1), group_size, method, dtype=dtype)
+    layer = normlab.DecorrelatedBatchNorm(x.size(1), group_size=group_size, method=method, dtype=dtype)
     y = layer(x)
     y.backward(torch.randn_like(y))
     assert torch.isfinite(y).all()
@@ -281,7 +291,7 @@ def test_zca_gradient_at_coincident_eigenvalues_is_the_limit():
 
     def grad_at(x0):
         x0 = x0.clone().requires_grad_(True)
-        y = decorrelated_batch_norm(x0, None, None, 4, "zca", 1e-3)[0]
+        y = dbn_step(x0, None, None, 4, "zca", 1e-3)[0]
         return torch.autograd.grad(y, x0, gy)[0]
 
     # Autograd through eigh fails here; the layer's gradient is finite and the limit of nearby ones.
@@ -300,7 +310,7 @@ def test_zca_gradient_at_coincident_eigenvalues_is_the_limit():
 @pytest.mark.parametrize("method", METHODS)
 def test_running_statistics_and_eval(method):
     c, group_size, momentum = 7, 3, 0.3
-    layer = normlab.DecorrelatedBatchNorm(c, group_size, method, momentum=momentum, dtype=D64)
+    layer = normlab.DecorrelatedBatchNorm(c, group_size=group_size, method=method, momentum=momentum, dtype=D64)
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.normal_()
@@ -342,25 +352,25 @@ def test_running_statistics_and_eval(method):
 
 
 def test_momentum_none_is_cumulative_average():
-    layer = normlab.DecorrelatedBatchNorm(4, 2, momentum=None, dtype=D64)
+    layer = normlab.DecorrelatedBatchNorm(4, group_size=2, momentum=None, dtype=D64)
     xs = [inputs((30, 4), seed=s)[0].detach() for s in range(3)]
     Ws = []
     for x in xs:
-        Ws.append(decorrelated_batch_norm(x, None, None, 2, "zca", layer.eps)[3])
+        Ws.append(dbn_step(x, None, None, 2, "zca", layer.eps)[3])
         layer(x)
     torch.testing.assert_close(layer.running_whitening, torch.stack(Ws).mean(0))
     torch.testing.assert_close(layer.running_mean, torch.stack([x.mean(0) for x in xs]).mean(0))
 
 
 def test_no_running_stats_uses_batch_statistics_in_eval():
-    layer = normlab.DecorrelatedBatchNorm(4, 2, track_running_stats=False, dtype=D64).eval()
+    layer = normlab.DecorrelatedBatchNorm(4, group_size=2, track_running_stats=False, dtype=D64).eval()
     x = inputs((30, 4), seed=3)[0].detach()
     assert layer.running_whitening is None
     torch.testing.assert_close(layer(x), ref_dbn(x, layer.weight, layer.bias, 2, "zca", layer.eps)[0])
 
 
 def test_frozen_uses_running_statistics_in_training():
-    layer = normlab.DecorrelatedBatchNorm(4, 2, dtype=D64)
+    layer = normlab.DecorrelatedBatchNorm(4, group_size=2, dtype=D64)
     layer(inputs((30, 4), seed=3)[0].detach())
     layer.frozen = True
     x = inputs((30, 4), seed=4)[0].detach()
@@ -397,7 +407,7 @@ def test_loads_a_batchnorm_checkpoint():
 
 
 def test_half_precision_keeps_float32_statistics():
-    layer = normlab.DecorrelatedBatchNorm(8, 4).to(torch.bfloat16)
+    layer = normlab.DecorrelatedBatchNorm(8, group_size=4).to(torch.bfloat16)
     assert layer.weight.dtype == torch.bfloat16
     assert layer.running_whitening.dtype == torch.float32 and layer.running_mean.dtype == torch.float32
     x = torch.randn(16, 8, 2, 2).to(torch.bfloat16).requires_grad_(True)
@@ -405,7 +415,7 @@ def test_half_precision_keeps_float32_statistics():
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
     assert torch.isfinite(y.float()).all() and torch.isfinite(layer.running_whitening).all()
-    ref = normlab.DecorrelatedBatchNorm(8, 4)(x.detach().float())
+    ref = normlab.DecorrelatedBatchNorm(8, group_size=4)(x.detach().float())
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
 
 
@@ -439,7 +449,7 @@ def test_kind_registered():
 @pytest.mark.parametrize("method", METHODS)
 def test_statistics_interface(method):
     c, group_size = 7, 3
-    layer = normlab.DecorrelatedBatchNorm(c, group_size, method, iterations=20, dtype=D64)
+    layer = normlab.DecorrelatedBatchNorm(c, group_size=group_size, method=method, iterations=20, dtype=D64)
     x = inputs((40, c, 2), seed=11)[0].detach()
     mom = normlab.batch_moments(layer, x)
     assert mom.count == 80 and mom.mean.shape == (c,) and mom.var.shape == (3, 3, 3)
@@ -473,7 +483,7 @@ def test_statistics_interface(method):
 
 
 def test_load_statistics_validates_before_touching_state():
-    layer = normlab.DecorrelatedBatchNorm(6, 4)
+    layer = normlab.DecorrelatedBatchNorm(6, group_size=4)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     with pytest.raises(ValueError, match="DecorrelatedBatchNorm.*covariance of shape \\(2, 4, 4\\)"):
         layer.load_statistics(torch.zeros(6), torch.eye(6))
@@ -497,7 +507,7 @@ def test_bad_arguments_and_inputs():
         normlab.DecorrelatedBatchNorm(4, method="newton", iterations=0)
     with pytest.raises(ValueError, match="DecorrelatedBatchNorm.*eps > 0"):
         normlab.DecorrelatedBatchNorm(4, eps=0.0)
-    layer = normlab.DecorrelatedBatchNorm(4, 2)
+    layer = normlab.DecorrelatedBatchNorm(4, group_size=2)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     with pytest.raises(ValueError, match="DecorrelatedBatchNorm.*4 channels"):
         layer(torch.randn(8, 5))
@@ -524,7 +534,7 @@ def test_property_shapes_and_finiteness(n, c, spatial, group_size, method, seed)
         n = 2
         shape = (n, c, *spatial)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=D64).requires_grad_(True)
-    layer = normlab.DecorrelatedBatchNorm(c, group_size, method, affine=False, dtype=D64)
+    layer = normlab.DecorrelatedBatchNorm(c, group_size=group_size, method=method, affine=False, dtype=D64)
     y = layer(x)
     assert y.shape == x.shape
     y.backward(torch.ones_like(y))
@@ -543,3 +553,54 @@ def test_matches_f_batch_norm_for_single_channels_in_float32():
     x = torch.randn(64, 5, 4, 4)
     y = normlab.DecorrelatedBatchNorm(5, group_size=1)(x)
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True, eps=1e-5), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ forms and signatures
+@pytest.mark.parametrize("shape", [(24, 6), (8, 6, 3, 3)])
+def test_functional_core_has_batch_norm_shape(shape):
+    """decorrelated_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, ...)
+    does what the layer does: training updates the given buffers in place, eval uses them."""
+    x, w, b = inputs(shape, seed=21)
+    layer = normlab.DecorrelatedBatchNorm(6, group_size=4, momentum=0.3, dtype=D64)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    buffers = [layer.running_mean.clone(), layer.running_var.clone(), layer.running_whitening.clone()]
+    kw = {"running_whitening": buffers[2], "group_size": 4}
+    for _ in range(2):
+        y = decorrelated_batch_norm(x, buffers[0], buffers[1], w, b, True, 0.3, 1e-5, **kw)
+        torch.testing.assert_close(y, layer(x))
+    for got, name in zip(buffers, ("running_mean", "running_var", "running_whitening")):
+        torch.testing.assert_close(got, getattr(layer, name))
+    y = decorrelated_batch_norm(x, buffers[0], None, w, b, False, eps=1e-5, **kw)
+    torch.testing.assert_close(y, layer.eval()(x))
+    with pytest.raises(ValueError, match="decorrelated_batch_norm.*running_whitening"):
+        decorrelated_batch_norm(x, None, None, w, b, False)
+
+
+def test_deprecated_forms_warn_and_agree():
+    x, w, b = inputs((20, 6), seed=22)
+    with pytest.warns(DeprecationWarning, match="keyword-only"):
+        old = normlab.DecorrelatedBatchNorm(6, 4, "newton", dtype=D64)
+    assert (old.group_size, old.method) == (4, "newton")
+    with pytest.warns(DeprecationWarning, match="decorrelated_batch_norm"):
+        y, mean, cov, W, m = decorrelated_batch_norm(x, w, b, 4, "zca", 1e-3)
+    want = dbn_step(x, w, b, 4, "zca", 1e-3)
+    for a, e in zip((y, mean, cov, W, m), want):
+        torch.testing.assert_close(a, e)
+    torch.testing.assert_close(y, ref_dbn(x, w, b, 4, "zca", 1e-3)[0])
+
+
+@pytest.mark.parametrize("shape", [(16, 6), (4, 8, 3, 3), (4, 6, 3, 3)])
+def test_training_output_is_not_a_view(shape):
+    """The block pattern of torchvision's ResNet modifies the output in place (ReLU(inplace=True), +=)."""
+    x = torch.randn(shape, dtype=D64, requires_grad=True)
+    layer = normlab.DecorrelatedBatchNorm(shape[1], group_size=4, dtype=D64)
+    y = layer(x)
+    assert y._base is None
+    z = layer(x)
+    z += 1  # the residual add, then the in-place ReLU
+    z.relu_()
+    (gz,) = torch.autograd.grad(z.sum(), x)
+    (go,) = torch.autograd.grad((y + 1).relu().sum(), x)
+    torch.testing.assert_close(gz, go)

@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import normlab
-from normlab.base import channel_moments, global_sum, sync_group
+from normlab.comm import global_sum
 from normlab.distributed import GroupRef, init_from_env, is_synced, rank, shard, unsync, world_size
+from normlab.kernels import channel_moments
 
 WORLDS = (2, 3)
 # Per world size, the split of the global batch for each of the two training steps.
@@ -117,12 +118,13 @@ class Comparisons:
     """Collects mismatches (rather than raising at once, which would leave the other processes
     waiting in a collective) and raises them together at the end of a check."""
 
-    def __init__(self) -> None:
+    def __init__(self, rtol: float = 1e-10, atol: float = 1e-12) -> None:
         self.errors: list[str] = []
+        self.rtol, self.atol = rtol, atol
 
     def close(self, actual: Tensor, expected: Tensor, what: str) -> None:
         try:
-            torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(actual, expected, rtol=self.rtol, atol=self.atol)
         except AssertionError as err:
             self.errors.append(f"{what}: {err}")
 
@@ -150,7 +152,7 @@ def _check_variant(name: str, r: int, world: int) -> None:
     for four_d in (True,) if name in FOUR_D_ONLY else (False, True):
         ref, src = VARIANTS[name]()
         layer = normlab.sync(src)
-        assert sync_group(layer) is not None
+        assert layer.sync_group() is not None
         for step, sizes in enumerate(SPLITS[world]):
             x, g = _inputs(step, four_d)
             lo, hi = sum(sizes[:r]), sum(sizes[: r + 1])
@@ -186,7 +188,7 @@ def _check_single_process_groups(r: int, world: int) -> None:
     for make in (VARIANTS["torch-bn2d"], VARIANTS["brn"]):
         ref, src = make()
         layer = normlab.sync(src, groups[r])
-        assert sync_group(layer) is None
+        assert layer.sync_group() is None
         x, g = _inputs(r, True)
         y_ref, y = ref(x), layer(x)
         assert torch.equal(y, y_ref)
@@ -238,10 +240,10 @@ def _check_copy_and_pickle(r: int, world: int) -> None:
     clone = copy.deepcopy(synced)
     assert clone[1].process_group is synced[1].process_group
     loaded = pickle.loads(pickle.dumps(synced))
-    assert sync_group(loaded[1]) is dist.group.WORLD and sync_group(loaded[2]) is dist.group.WORLD
+    assert loaded[1].sync_group() is dist.group.WORLD and loaded[2].sync_group() is dist.group.WORLD
     sub = dist.new_group(list(range(world)))
     synced_sub = normlab.sync(model, sub)
-    assert sync_group(copy.deepcopy(synced_sub)[2]) is sub
+    assert copy.deepcopy(synced_sub)[2].sync_group() is sub
     with pytest.raises(TypeError, match="state_dict"):
         pickle.dumps(synced_sub)
     assert set(synced_sub.state_dict()) == set(model.state_dict())
@@ -268,7 +270,11 @@ def _check_ddp(r: int, world: int, other: type | None = None) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     splits = {2: [[8, 4], [3, 9], [12, 0]], 3: [[6, 0, 6], [2, 5, 5], [4, 4, 4]]}[world]
     g = torch.Generator().manual_seed(1)
-    cmp = Comparisons()
+    # Whitening 6 channels from 12 samples: the synchronized path's covariance (sums of x x^T) and
+    # the reference's (centred products) differ by rounding, which the inverse square root amplifies
+    # by the covariance's condition number; after three SGD steps the whitening matrices differ by up
+    # to ~3e-10 relative on some CPUs (a wrong reduction would differ by orders of magnitude more).
+    cmp = Comparisons(rtol=1e-8, atol=1e-10) if other is DecorrelatedBatchNorm else Comparisons()
     for step, sizes in enumerate(splits):
         x = torch.randn(12, 5, generator=g, dtype=torch.float64)
         t = torch.randn(12, 3, generator=g, dtype=torch.float64)
@@ -425,7 +431,7 @@ def test_outside_a_process_group_synced_layers_are_unsynchronized() -> None:
     torch.testing.assert_close(synced(x), model(x), rtol=0, atol=0)
     for key, value in model.state_dict().items():
         assert torch.equal(synced.state_dict()[key], value), key
-    assert sync_group(synced[1]) is None and sync_group(synced[2]) is None
+    assert synced[1].sync_group() is None and synced[2].sync_group() is None
 
 
 def test_unsync_restores_torch_classes() -> None:

@@ -56,3 +56,24 @@ def test_imports_point_down() -> None:
 def test_library_never_imports_the_lab() -> None:
     for path in SRC.glob("*.py"):
         assert "normlab.lab" not in path.read_text().replace("normlab.lab`", ""), path.stem
+
+
+def test_moved_names_still_work_with_a_deprecation_warning() -> None:
+    """Public names that moved keep working from their old homes, warning where they went."""
+    import pytest
+    from torch import nn
+
+    from normlab import base, comm, freezing, kernels, population, statistics
+
+    for old, name, home in (
+        (statistics, "stat_layers", base),
+        (statistics, "is_frozen", freezing),
+        (statistics, "MomentPool", population),
+        (base, "two_pass_stats", kernels),
+        (base, "global_sum", comm),
+    ):
+        with pytest.warns(DeprecationWarning, match=f"{name} is deprecated"):
+            assert getattr(old, name) is getattr(home, name)
+    layer = normlab.BatchNorm(3)
+    with pytest.warns(DeprecationWarning, match="sync_group is deprecated"):
+        assert base.sync_group(layer) is None and base.sync_group(nn.BatchNorm1d(3)) is None

@@ -14,8 +14,9 @@ from torch import nn
 
 import normlab
 from _shared import make_norm
-from normlab.base import Moments
-from normlab.statistics import MomentPool, is_frozen, stat_layers
+from normlab.base import Moments, stat_layers
+from normlab.freezing import is_frozen
+from normlab.population import MomentPool
 
 D = torch.float64
 EPS = 1e-5

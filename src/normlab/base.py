@@ -21,8 +21,9 @@ The forward skeleton (:meth:`NormBase.forward`) is the same for every batch-stat
 2. in eval mode, or when frozen, normalize with the running statistics (:meth:`NormBase.normalize_running`);
 3. otherwise take the batch statistics, local or over the layer's process group, and normalize with
    them (:meth:`NormBase.normalize_batch`, which returns the output and a :class:`BatchStats`);
-4. move the running statistics towards the batch's (:meth:`NormBase.update_running`), when training
-   and tracking them.
+4. in training, record the step (:meth:`NormBase.record_step`): move the running statistics
+   towards the batch's (:meth:`NormBase.update_running`) when tracking them, and whatever other
+   state the variant keeps per step. Only this step changes state.
 
 A variant overrides only the steps its paper changes.
 
@@ -55,7 +56,7 @@ from torch import Tensor, nn
 from . import checks, comm, kernels
 from .checks import check_input, check_settings, layer_name
 from .comm import resolve_group
-from .kernels import LOW_PRECISION, buffer_dtype, channel_moments, constant, ema
+from .kernels import LOW_PRECISION, buffer_dtype, channel_moments, constant, running_update
 
 __all__ = [
     "Moments",
@@ -315,9 +316,9 @@ class NormBase(ToolState, nn.Module):
         if not batch:
             return self.normalize_running(x)
         y, stats = self.normalize_batch(x, group)
-        if self.updates_running_stats():
+        if self.training:
             with torch.no_grad():
-                self.update_running(stats)
+                self.record_step(stats)
         return y
 
     def normalize_running(self, x: Tensor) -> Tensor:
@@ -327,6 +328,16 @@ class NormBase(ToolState, nn.Module):
     def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
         """Training mode: normalize with the batch statistics (global over ``group`` when given)."""
         raise NotImplementedError(f"{type(self).__name__} does not define normalize_batch")
+
+    def record_step(self, stats: BatchStats) -> None:
+        """Every state change of a training step, after its output is computed (without grad mode).
+
+        By default the running statistics (:meth:`update_running`, when tracked); a variant with more
+        state per step (a window of past statistics, a step count) extends it. Nothing before this
+        call changes the layer's state.
+        """
+        if self.updates_running_stats():
+            self.update_running(stats)
 
     def update_running(self, stats: BatchStats) -> None:
         """Move the running statistics towards this batch's (called without grad mode)."""
@@ -451,9 +462,7 @@ def update_running_stats(module: nn.Module, mean: Tensor, var: Tensor, count: Te
     unbiased ``var * m / (m - 1)``, as torch does. For any layer with BatchNorm's buffers and
     ``momentum`` (normlab's and torch's).
     """
-    factor = step_factor(module)
-    ema(module.running_mean, mean, factor)
-    ema(module.running_var, var * (count / (count - 1)), factor)
+    running_update(module.running_mean, module.running_var, mean, var, count, step_factor(module))
 
 
 def _bn_affine(

@@ -56,14 +56,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import NormBase
+from .base import BatchStats, NormBase
+from .checks import check_input, keyword_options
 from .comm import global_sum
+from .dispatch import FusedStep
 from .kernels import (
     buffer_dtype,
     channel_affine,
     channel_moments,
+    channel_shape,
     inference_batch_norm,
     memory_format_of,
+    running_update,
     stat_dtype,
     stats_and_output_buffer,
 )
@@ -80,294 +84,14 @@ _WINDOW_STATE = ("num_steps", "window_count", *_WINDOW_FLOATS)
 _INTERCEPT = "window_intercept"
 
 
-# ----------------------------------------------------------------------------------- functional core
-def _pool(
-    mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``mu_bar`` and ``sigma_bar^2`` of the pooled window from the current batch's mean and biased variance."""
-    past_mean = past_mean.detach().to(mean.dtype)
-    past_sqmean = past_sqmean.detach().to(mean.dtype)
-    n = past_mean.size(0) + 1
-    # max(nu, mu^2): a compensated nu may fall below mu^2; the current nu_t = var + mu^2 never does.
-    past_sqmean = torch.maximum(past_sqmean, past_mean.square())
-    mean_bar = (mean + past_mean.sum(0)) / n
-    sqmean_bar = (torch.addcmul(var, mean, mean) + past_sqmean.sum(0)) / n
-    return mean_bar, torch.addcmul(sqmean_bar, mean_bar, mean_bar, value=-1).clamp_min(0)
+_LEGACY_ORDER = ("eps", "momentum", "affine", "track_running_stats", "window", "burn_in", "device", "dtype")
 
 
-class _PooledNormFunction(torch.autograd.Function):
-    """``y = gamma (x - mu_bar) / sqrt(sigma_bar^2 + eps) + beta`` on torch's native batch-norm kernels.
-
-    With ``n`` pooled iterations and the past ones constant, ``d mu_bar / d mu_t = d nu_bar / d nu_t
-    = 1/n``, and the input gradient works out to batch normalization's with its two batch-mean terms
-    divided by ``n``::
-
-        dx = gamma s (g - mean(g) / n - x_hat mean(g x_hat) / n),   s = 1 / sqrt(sigma_bar^2 + eps)
-           = [native BN backward with weight gamma / n] + (1 - 1/n) gamma s g
-
-    where the native kernel is given ``mu_bar`` and ``s`` as the saved statistics. ``dgamma =
-    sum(g x_hat)`` and ``dbeta = sum(g)`` as in BN. Returns ``y`` and, without gradient, the current
-    batch's mean and biased variance.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, past_mean, past_sqmean, eps):  # noqa: ANN001, ANN205
-        mean, var, out = stats_and_output_buffer(x)
-        mean, var = mean.to(past_mean.dtype), var.to(past_mean.dtype)
-        mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean)
-        # Parameters in the statistics dtype: the CPU kernels take half inputs with float32 parameters.
-        gamma = None if weight is None else weight.to(mean.dtype)
-        beta = None if bias is None else bias.to(mean.dtype)
-        y = inference_batch_norm(x, gamma, beta, mean_bar, var_bar, eps, out)
-        invstd = torch.rsqrt(var_bar + eps)
-        n = past_mean.size(0) + 1
-        ctx.save_for_backward(x, gamma, mean_bar, invstd)
-        ctx.n, ctx.eps = n, eps
-        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, *_):  # noqa: ANN001, ANN205
-        x, weight, mean_bar, invstd = ctx.saved_tensors
-        n = ctx.n
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gamma = weight if weight is not None else torch.ones_like(invstd)
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            grad_y.contiguous(memory_format=memory_format_of(x)),
-            x,
-            gamma / n,
-            None,
-            None,
-            mean_bar,
-            invstd,
-            True,
-            ctx.eps,
-            [need_x, need_w, need_b],
-        )
-        if need_x and n > 1:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            gx.addcmul_(grad_y, (gamma * invstd * ((n - 1) / n)).to(gx.dtype).reshape(shape))
-        w_dtype, b_dtype = ctx.dtypes
-        return (
-            gx if need_x else None,
-            gw.to(w_dtype) if need_w and weight is not None else None,
-            gb.to(b_dtype) if need_b else None,
-            None,
-            None,
-            None,
-        )
+def _legacy_order(args: tuple[Any, ...]) -> bool:
+    # Before the options were keyword-only, window (an int) came right after track_running_stats.
+    return len(args) > 4 and isinstance(args[4], int) and not isinstance(args[4], bool)
 
 
-def pooled_batch_norm(
-    x: Tensor,
-    past_mean: Tensor,
-    past_sqmean: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float = 1e-5,
-    group: Any | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normalize ``x`` ``(N, C, *)`` with its batch statistics pooled with those of past iterations.
-
-    ``past_mean`` and ``past_sqmean`` are ``(n, C)``: the (already compensated) means and mean
-    squares ``E[x^2]`` of ``n`` earlier iterations, treated as constants; ``n = 0`` is batch
-    normalization. Returns ``y`` and the current batch's mean, biased variance and sample count
-    (without gradient; global over ``group`` when one is given).
-    """
-    if group is None:
-        sdt = stat_dtype(x)
-        y, mean, var = _PooledNormFunction.apply(
-            x, weight, bias, past_mean.detach().to(sdt), past_sqmean.detach().to(sdt), eps
-        )
-        count = torch.tensor(float(x.numel() // x.size(1)), dtype=mean.dtype, device=x.device)
-        return y, mean, var, count
-    # Synchronized: the global statistics and their gradients through global_sum's all_reduce.
-    mean, var, count = channel_moments(x, group, "CrossIterationBatchNorm")
-    mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean)
-    y = channel_affine(x, mean_bar, torch.rsqrt(var_bar + eps), weight, bias)
-    return y, mean.detach(), var.detach(), count
-
-
-def _flat_patch_args(producer: nn.Module, inp: Tensor) -> tuple[Tensor, list[int]]:
-    """The producer's input with any padding it does not express as symmetric zeros applied, and the padding left."""
-    padding = producer.padding
-    if isinstance(padding, str) or producer.padding_mode != "zeros":
-        mode = "constant" if producer.padding_mode == "zeros" else producer.padding_mode
-        return F.pad(inp, producer._reversed_padding_repeated_twice, mode=mode), [0] * (inp.dim() - 2)
-    return inp, list(padding)
-
-
-@torch.no_grad()
-def _derivative_sums(producer: nn.Module, inp: Tensor, out: Tensor, group: Any | None) -> tuple[Tensor, Tensor]:
-    """``sum_i p_i`` per group and ``sum_i y_ic p_i`` per channel (see :func:`producer_derivatives`)."""
-    w = producer.weight.detach()
-    if isinstance(producer, nn.Linear):
-        dsq = out.t().mm(inp)
-        dmu = inp.sum(0, keepdim=True)
-    else:
-        inp, padding = _flat_patch_args(producer, inp)
-        groups = producer.groups
-        args = (list(producer.stride), padding, list(producer.dilation), False, [0], groups, (False, True, False))
-        # d nu: the weight gradient of the producer for grad_output = y (times 2/m in the store). The
-        # real weight, though its values are unused: a stand-in would be copied to a dense one.
-        dsq = torch.ops.aten.convolution_backward(out, inp, w.to(inp.dtype), None, *args)[1]
-        # d mu: the sum of the input patches, the weight gradient for grad_output = 1 with one output
-        # channel per group, on the batch-summed input.
-        ones = out.new_ones(()).expand(1, groups, *out.shape[2:])
-        stand_in = inp.new_empty((groups, *w.shape[1:]))
-        dmu = torch.ops.aten.convolution_backward(ones, inp.sum(0, keepdim=True), stand_in, None, *args)[1]
-    dmu, dsq = global_sum([dmu, dsq], group)
-    return dmu, dsq
-
-
-@torch.no_grad()
-def producer_derivatives(
-    producer: nn.Module, inp: Tensor, out: Tensor, count: Tensor, group: Any | None = None
-) -> tuple[Tensor, Tensor]:
-    """Closed-form ``d mu / d W`` and ``d nu / d W`` of the producer's output channels.
-
-    ``inp``/``out`` are the producer's input and output of this step and ``count`` the number of
-    samples per channel (global over ``group``). Returns ``dmean`` of shape ``(groups, *W.shape[1:])``
-    (``d mu_c / d W_c`` is the same for all output channels ``c`` of a group) and ``dsqmean`` of
-    ``W.shape``. With a process ``group`` the sums travel in one all_reduce, so both are the
-    derivatives of the global statistics.
-    """
-    dmu, dsq = _derivative_sums(producer, inp, out, group)
-    return dmu / count, dsq * (2 / count)
-
-
-def _weight_terms(weight: Tensor, dmean: Tensor, dsqmean: Tensor) -> tuple[Tensor, Tensor]:
-    """``d mu / d W . W`` and ``d nu / d W . W`` per slot and channel, ``(n, C)`` each.
-
-    ``weight`` is ``W`` as ``(C, F)``, the same for all slots, ``dmean`` is ``(n, groups, F)`` and
-    ``dsqmean`` ``(n, C, F)``. One batched matmul each, over the whole window.
-    """
-    n, groups, fan_in = dmean.shape
-    c = dsqmean.size(1)
-    weight = weight.to(dmean.dtype)
-    if groups == 1:
-        d_mu = dmean.view(n, fan_in).mm(weight.t())
-    else:  # (groups, C/groups, F) @ (groups, F, n), back to (n, C)
-        d_mu = torch.matmul(weight.view(groups, c // groups, fan_in), dmean.permute(1, 2, 0))
-        d_mu = d_mu.permute(2, 0, 1).reshape(n, c)
-    # Channel c of every slot against W_c: one fused multiply-and-sum over F (a bmm over channels
-    # would first copy the window channel-major).
-    return d_mu, torch.linalg.vecdot(dsqmean, weight)
-
-
-def _intercepts(
-    mean: Tensor, sqmean: Tensor, dmean: Tensor, dsqmean: Tensor, weight: Tensor, bias: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """The part of the Taylor step that does not involve the current weights.
-
-    ``mu - d mu / d W . W_old - b_old`` and ``nu - d nu / d W . W_old - 2 mu b_old`` for stored
-    statistics ``(n, C)`` whose producer had the weights ``weight`` ``(C, F)`` and ``bias`` ``(C,)``
-    (the shapes as in :func:`_weight_terms`), so that :func:`_taylor_step` needs only the current ones.
-    """
-    d_mu, d_nu = _weight_terms(weight, dmean, dsqmean)
-    mean_0, sqmean_0 = mean - d_mu, sqmean - d_nu
-    if bias is not None:
-        bias = bias.to(mean.dtype)
-        mean_0 = mean_0 - bias
-        sqmean_0 = torch.addcmul(sqmean_0, mean, bias, value=-2)
-    return mean_0, sqmean_0
-
-
-def _taylor_step(
-    mean_0: Tensor, sqmean_0: Tensor, mean: Tensor, dmean: Tensor, dsqmean: Tensor, weight: Tensor, bias: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """``mu_{t-tau}(theta_t)`` and ``nu_{t-tau}(theta_t)`` from the :func:`_intercepts` and the current ``W``, ``b``.
-
-    ``weight`` is ``W`` as ``(C, F)``; the other shapes as in :func:`_weight_terms`.
-    """
-    d_mu, d_nu = _weight_terms(weight, dmean, dsqmean)
-    mean_t, sqmean_t = mean_0 + d_mu, sqmean_0 + d_nu
-    if bias is not None:
-        bias = bias.to(mean.dtype)
-        mean_t = mean_t + bias
-        sqmean_t = torch.addcmul(sqmean_t, mean, bias, value=2)
-    return mean_t, sqmean_t
-
-
-@torch.no_grad()
-def compensate(
-    mean: Tensor,
-    sqmean: Tensor,
-    dmean: Tensor,
-    dsqmean: Tensor,
-    old_weight: Tensor,
-    weight: Tensor,
-    old_bias: Tensor | None = None,
-    bias: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """First-order Taylor step of stored statistics ``(n, C)`` to the producer's current weights.
-
-    With ``F`` the fan-in of one output channel (``W[c].numel()``): ``dmean`` is ``(n, groups, F)``,
-    ``dsqmean`` and ``old_weight`` are ``(n, C, F)``, ``weight`` is ``W`` (any shape ``(C, ...)``);
-    ``old_bias`` ``(n, C)`` and ``bias`` ``(C,)`` when the producer has one.
-    Returns the compensated ``mu_{t-tau}(theta_t)`` and ``nu_{t-tau}(theta_t)``.
-
-    Computed as ``(mu - dmu/dW . W_old) + dmu/dW . W`` (likewise for ``nu`` and the bias): the same
-    step, split so that a layer computes the first part once when it stores an iteration and only
-    the second, one matmul per statistic over the whole window, in every later step.
-    """
-    if bias is None or old_bias is None:
-        bias = old_bias = None
-    parts = [
-        _intercepts(
-            mean[j : j + 1], sqmean[j : j + 1], dmean[j : j + 1], dsqmean[j : j + 1], old_weight[j],
-            None if old_bias is None else old_bias[j],
-        )
-        for j in range(mean.size(0))
-    ]
-    mean_0 = torch.cat([m for m, _ in parts]) if parts else mean
-    sqmean_0 = torch.cat([v for _, v in parts]) if parts else sqmean
-    return _taylor_step(mean_0, sqmean_0, mean, dmean, dsqmean, weight.reshape(mean.size(1), -1), bias)
-
-
-# ----------------------------------------------------------------------------------- pairing
-class _ProducerHook:
-    """Forward hook on the producer that hands its input and output to the paired layer.
-
-    It holds the layer weakly, so a layer that is replaced (e.g. by ``convert``) lets its hook go
-    quiet instead of being kept alive by it. Deep copies follow the layer through the copy's memo,
-    so ``copy.deepcopy(model)`` leaves the copied producer hooked to the copied layer.
-    """
-
-    def __init__(self, layer: CrossIterationBatchNorm) -> None:
-        self.ref = weakref.ref(layer)
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        layer = self.ref()
-        if layer is not None and layer.training and args and isinstance(output, Tensor):
-            layer._captured = (args[0], output)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _ProducerHook:
-        layer = self.ref()
-        return _ProducerHook(copy.deepcopy(layer, memo)) if layer is not None else _DeadHook()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"layer": self.ref()}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        layer = state["layer"]
-        self.ref = weakref.ref(layer) if layer is not None else (lambda: None)
-
-
-class _DeadHook(_ProducerHook):
-    """A hook whose layer is gone: does nothing."""
-
-    def __init__(self) -> None:
-        self.ref = lambda: None
-
-
-def _supported(producer: nn.Module) -> bool:
-    return isinstance(producer, COMPENSATED)
-
-
-# ----------------------------------------------------------------------------------- module
 class CrossIterationBatchNorm(NormBase):
     """Cross-Iteration Batch Normalization over inputs ``(N, C, *)`` (Yao et al. 2021).
 
@@ -382,6 +106,9 @@ class CrossIterationBatchNorm(NormBase):
             the paper uses 8 for ImageNet. ``window=1`` is batch normalization.
         burn_in: training steps of plain batch normalization before the window is used (the paper
             uses a burn-in while the weights still change fast); 0 starts the window at once.
+
+    ``window`` and ``burn_in`` are keyword-only (the earlier positional order, after
+    ``track_running_stats``, still works with a ``DeprecationWarning``).
 
     Pairing. The compensation needs the producer, the convolution (``nn.Conv1d/2d/3d``, any groups,
     stride, dilation and padding mode; not transposed) or ``nn.Linear`` (2-D input) whose output goes
@@ -412,7 +139,7 @@ class CrossIterationBatchNorm(NormBase):
     Taylor step that does not involve the current weights (see :func:`compensate`); it is derived
     from the others when an iteration is stored or a state dict is loaded.
     """
-
+    @keyword_options(_LEGACY_ORDER, _legacy_order)
     def __init__(
         self,
         num_features: int,
@@ -420,10 +147,11 @@ class CrossIterationBatchNorm(NormBase):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        window: int = 8,
-        burn_in: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        window: int = 8,
+        burn_in: int = 0,
     ) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"CrossIterationBatchNorm: expected window to be an int >= 1, got {window!r}")
@@ -554,6 +282,52 @@ class CrossIterationBatchNorm(NormBase):
         return f"{super().extra_repr()}, window={self.window}, burn_in={self.burn_in}, producer={name}"
 
     # ------------------------------------------------------------------------- forward
+    def normalize_running(self, x: Tensor) -> Tensor:
+        self._captured = None
+        return super().normalize_running(x)
+
+    # ------------------------------------------------------------------------- the paper's steps
+    def windowed(self) -> bool:
+        """Whether this forward pools the window (training, ``window > 1``, the burn-in done)."""
+        return self.training and self.window > 1 and int(self.num_steps) >= self.burn_in
+
+    def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
+        """Batch normalization with the window pooled in (burn-in, window 1: with the batch alone).
+
+        The statistics of this step and, when windowed, the derivative sums to store travel to
+        :meth:`record_step` in the returned :class:`BatchStats`; nothing is stored here.
+        """
+        if not self.windowed():
+            self._captured = None
+            y, mean, var, count = _batch_norm_step(x, self.weight, self.bias, self.eps, group)
+            return y, BatchStats(mean, var, count)
+        captured = self._checked_capture(x)  # validates before any state is touched
+        if not self._window_matches():  # e.g. a lazy producer that has just been materialized
+            self.reset_window()
+        if self.producer is None and not self._warned_unpaired:
+            self._warned_unpaired = True
+            warnings.warn(
+                "CrossIterationBatchNorm: no producer attached: the window pools uncompensated statistics "
+                "(pair it with attach(conv) or normlab.convert)",
+                stacklevel=3,
+            )
+        stored = int(self.window_count)
+        past_mean, past_sqmean = self.past_statistics(stored)
+        y, mean, var, count = _pooled_step(x, self.weight, self.bias, past_mean, past_sqmean, self.eps, group)
+        sums = None
+        if captured is not None:
+            dt = self.window_mean.dtype
+            sums = _derivative_sums(self.producer, captured[0].detach().to(dt), x.detach().to(dt), group)
+        return y, BatchStats(mean, var, count, (stored, sums))
+
+    def record_step(self, stats: BatchStats) -> None:
+        """The running statistics, this iteration into the window (when windowed), and the step count."""
+        super().record_step(stats)
+        if stats.extra:
+            stored, sums = stats.extra
+            self._push(stored % (self.window - 1), stats.mean, stats.var, sums, stats.count)
+        self.num_steps.add_(1)
+
     @torch.no_grad()
     def past_statistics(self, stored: int | None = None) -> tuple[Tensor, Tensor]:
         """The stored means and mean squares moved to the producer's current weights: ``(n, C)`` each.
@@ -594,64 +368,6 @@ class CrossIterationBatchNorm(NormBase):
             )
         return captured
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        if not self.use_batch_stats():
-            self._captured = None
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        windowed = self.training and self.window > 1 and int(self.num_steps) >= self.burn_in
-        if not windowed:
-            self._captured = None
-            return self._batch_norm(x)
-        captured = self._checked_capture(x)  # validates before any state is touched
-        if not self._window_matches():  # e.g. a lazy producer that has just been materialized
-            self.reset_window()
-        if self.producer is None and not self._warned_unpaired:
-            self._warned_unpaired = True
-            warnings.warn(
-                "CrossIterationBatchNorm: no producer attached: the window pools uncompensated statistics "
-                "(pair it with attach(conv) or normlab.convert)",
-                stacklevel=2,
-            )
-        group = self.sync_group()
-        stored = int(self.window_count)
-        past_mean, past_sqmean = self.past_statistics(stored)
-        y, mean, var, count = pooled_batch_norm(x, past_mean, past_sqmean, self.weight, self.bias, self.eps, group)
-        if self.updates_running_stats():
-            self.update_running_stats(mean, var, count)
-        if group is None:
-            count = x.numel() // x.size(1)  # a number: scales without a tensor op
-        sums = None
-        if captured is not None:
-            dt = self.window_mean.dtype
-            sums = _derivative_sums(self.producer, captured[0].detach().to(dt), x.detach().to(dt), group)
-        self._push(stored % (self.window - 1), mean, var, sums, count)
-        self.num_steps.add_(1)
-        return y
-
-    def _batch_norm(self, x: Tensor) -> Tensor:
-        """Batch normalization with the batch's own statistics (burn-in, window 1, eval without running stats)."""
-        group = self.sync_group()
-        if self.training:
-            self.num_steps.add_(1)
-        if group is None:
-            update = self.updates_running_stats()
-            factor = float(self.step_factor()) if update else 0.0
-            return F.batch_norm(
-                x,
-                self.running_mean if update else None,
-                self.running_var if update else None,
-                self.weight,
-                self.bias,
-                True,
-                factor,
-                self.eps,
-            )
-        mean, var, count = channel_moments(x, group, self)
-        if self.updates_running_stats():
-            self.update_running_stats(mean, var, count)
-        return channel_affine(x, mean, torch.rsqrt(var + self.eps), self.weight, self.bias)
-
     @torch.no_grad()
     def _push(
         self, slot: int, mean: Tensor, var: Tensor, sums: tuple[Tensor, Tensor] | None, count: Tensor | float
@@ -686,3 +402,364 @@ class CrossIterationBatchNorm(NormBase):
         )
         self.window_intercept[0, slot] = mean_0[0]
         self.window_intercept[1, slot] = sqmean_0[0]
+
+
+# ----------------------------------------------------------------------------------- functional core
+_UNSET: Any = object()
+
+
+def pooled_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = _UNSET,
+    momentum: float | Tensor | None = _UNSET,
+    eps: float = 1e-5,
+    *,
+    past_mean: Tensor | None = None,
+    past_sqmean: Tensor | None = None,
+    process_group: Any | None = None,
+) -> Tensor:
+    """Cross-iteration batch normalization of ``x`` ``(N, C, *)``, in ``F.batch_norm``'s shape.
+
+    ``training=False``: batch normalization with the running statistics. ``training=True``: the
+    batch's statistics (global over ``process_group``) pooled with ``past_mean`` and
+    ``past_sqmean``, ``(n, C)`` each: the (already compensated) means and mean squares ``E[x^2]`` of
+    ``n`` earlier iterations, treated as constants (none given: batch normalization). With
+    ``momentum`` (default 0.1) the running statistics that are given move towards the current
+    batch's, as BatchNorm moves them; ``momentum=None`` leaves them as they are.
+
+    Deprecated: the earlier form ``pooled_batch_norm(x, past_mean, past_sqmean, weight, bias, eps,
+    group)``, which always trained and returned ``(y, mean, var, m)``, is still accepted (any call
+    without a bool ``training``) with a ``DeprecationWarning``.
+    """
+    if training is _UNSET or not isinstance(training, bool):
+        warnings.warn(
+            "pooled_batch_norm(x, past_mean, past_sqmean, weight, bias, eps, group) is deprecated; the "
+            "arguments now follow F.batch_norm: (x, running_mean, running_var, weight, bias, training, "
+            "momentum, eps, *, past_mean, past_sqmean, process_group)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        old_eps = eps if training is _UNSET else training
+        group = process_group if momentum is _UNSET else momentum
+        y, mean, var, count = _pooled_step(x, weight, bias, running_mean, running_var, old_eps, group)
+        if not isinstance(count, Tensor):
+            count = torch.tensor(float(count), dtype=mean.dtype, device=x.device)
+        return y, mean, var, count  # type: ignore[return-value]
+    momentum = 0.1 if momentum is _UNSET else momentum
+    if not training:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    check_input("pooled_batch_norm", x, x.size(1), process_group is None)
+    if past_mean is None or past_sqmean is None:
+        past_mean = past_sqmean = x.new_zeros((0, x.size(1)), dtype=stat_dtype(x))
+    y, mean, var, count = _pooled_step(x, weight, bias, past_mean, past_sqmean, eps, process_group)
+    if momentum is not None and running_mean is not None:
+        running_update(running_mean, running_var, mean, var, count, momentum)
+    return y
+
+
+@torch.no_grad()
+def producer_derivatives(
+    producer: nn.Module, inp: Tensor, out: Tensor, count: Tensor, group: Any | None = None
+) -> tuple[Tensor, Tensor]:
+    """Closed-form ``d mu / d W`` and ``d nu / d W`` of the producer's output channels.
+
+    ``inp``/``out`` are the producer's input and output of this step and ``count`` the number of
+    samples per channel (global over ``group``). Returns ``dmean`` of shape ``(groups, *W.shape[1:])``
+    (``d mu_c / d W_c`` is the same for all output channels ``c`` of a group) and ``dsqmean`` of
+    ``W.shape``. With a process ``group`` the sums travel in one all_reduce, so both are the
+    derivatives of the global statistics.
+    """
+    dmu, dsq = _derivative_sums(producer, inp, out, group)
+    return dmu / count, dsq * (2 / count)
+
+
+@torch.no_grad()
+def compensate(
+    mean: Tensor,
+    sqmean: Tensor,
+    dmean: Tensor,
+    dsqmean: Tensor,
+    old_weight: Tensor,
+    weight: Tensor,
+    old_bias: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """First-order Taylor step of stored statistics ``(n, C)`` to the producer's current weights.
+
+    With ``F`` the fan-in of one output channel (``W[c].numel()``): ``dmean`` is ``(n, groups, F)``,
+    ``dsqmean`` and ``old_weight`` are ``(n, C, F)``, ``weight`` is ``W`` (any shape ``(C, ...)``);
+    ``old_bias`` ``(n, C)`` and ``bias`` ``(C,)`` when the producer has one.
+    Returns the compensated ``mu_{t-tau}(theta_t)`` and ``nu_{t-tau}(theta_t)``.
+
+    Computed as ``(mu - dmu/dW . W_old) + dmu/dW . W`` (likewise for ``nu`` and the bias): the same
+    step, split so that a layer computes the first part once when it stores an iteration and only
+    the second, one matmul per statistic over the whole window, in every later step.
+    """
+    if bias is None or old_bias is None:
+        bias = old_bias = None
+    parts = [
+        _intercepts(
+            mean[j : j + 1], sqmean[j : j + 1], dmean[j : j + 1], dsqmean[j : j + 1], old_weight[j],
+            None if old_bias is None else old_bias[j],
+        )
+        for j in range(mean.size(0))
+    ]
+    mean_0 = torch.cat([m for m, _ in parts]) if parts else mean
+    sqmean_0 = torch.cat([v for _, v in parts]) if parts else sqmean
+    return _taylor_step(mean_0, sqmean_0, mean, dmean, dsqmean, weight.reshape(mean.size(1), -1), bias)
+
+
+# ----------------------------------------------------------------------------------- pairing
+class _ProducerHook:
+    """Forward hook on the producer that hands its input and output to the paired layer.
+
+    It holds the layer weakly, so a layer that is replaced (e.g. by ``convert``) lets its hook go
+    quiet instead of being kept alive by it. Deep copies follow the layer through the copy's memo,
+    so ``copy.deepcopy(model)`` leaves the copied producer hooked to the copied layer.
+    """
+
+    def __init__(self, layer: CrossIterationBatchNorm) -> None:
+        self.ref = weakref.ref(layer)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        layer = self.ref()
+        if layer is not None and layer.training and args and isinstance(output, Tensor):
+            layer._captured = (args[0], output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ProducerHook:
+        layer = self.ref()
+        return _ProducerHook(copy.deepcopy(layer, memo)) if layer is not None else _DeadHook()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"layer": self.ref()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        layer = state["layer"]
+        self.ref = weakref.ref(layer) if layer is not None else (lambda: None)
+
+
+class _DeadHook(_ProducerHook):
+    """A hook whose layer is gone: does nothing."""
+
+    def __init__(self) -> None:
+        self.ref = lambda: None
+
+
+def _supported(producer: nn.Module) -> bool:
+    return isinstance(producer, COMPENSATED)
+
+
+# ----------------------------------------------------------------------------------- kernels
+def _batch_norm_step(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, group: Any | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | int]:
+    """``(y, mean, biased var, m)`` of plain batch normalization (burn-in, window 1), without a running update.
+
+    Locally torch's own kernel (twice differentiable, as ``nn.BatchNorm2d``), which leaves the
+    batch's mean and unbiased variance in the scratch "running" buffers it is given with momentum 1.
+    """
+    if group is None:
+        scratch = x.new_zeros((2, x.size(1)), dtype=stat_dtype(x))
+        y = F.batch_norm(x, scratch[0], scratch[1], weight, bias, True, 1.0, eps)
+        m = x.numel() // x.size(1)
+        return y, scratch[0], scratch[1] * ((m - 1) / m), m  # (the kernel saved the buffers: no in-place op)
+    mean, var, count = channel_moments(x, group, "CrossIterationBatchNorm")
+    y = channel_affine(x, mean, torch.rsqrt(var + eps), weight, bias)
+    return y, mean.detach(), var.detach(), count
+
+
+def _pooled_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    past_mean: Tensor,
+    past_sqmean: Tensor,
+    eps: float,
+    group: Any | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | int]:
+    """``(y, mean, biased var, m)``: ``x`` normalized with its statistics pooled with the past ones.
+
+    The current batch's statistics come back without gradient (global over ``group``). Locally the
+    fused step below; over a process group composed of differentiable ops on the global statistics.
+    """
+    if group is None:
+        sdt = stat_dtype(x)
+        y, mean, var = _POOLED(x, weight, bias, past_mean.detach().to(sdt), past_sqmean.detach().to(sdt), eps)[:3]
+        return y, mean, var, x.numel() // x.size(1)
+    # Synchronized: the global statistics and their gradients through global_sum's all_reduce.
+    mean, var, count = channel_moments(x, group, "CrossIterationBatchNorm")
+    mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean)
+    y = channel_affine(x, mean_bar, torch.rsqrt(var_bar + eps), weight, bias)
+    return y, mean.detach(), var.detach(), count
+
+
+# The local pooled step on torch's native batch-norm kernels: ``y = gamma (x - mu_bar) /
+# sqrt(sigma_bar^2 + eps) + beta``. With ``n`` pooled iterations and the past ones constant,
+# ``d mu_bar / d mu_t = d nu_bar / d nu_t = 1/n``, and the input gradient works out to batch
+# normalization's with its two batch-mean terms divided by ``n``::
+#
+#     dx = gamma s (g - mean(g) / n - x_hat mean(g x_hat) / n),   s = 1 / sqrt(sigma_bar^2 + eps)
+#        = [native BN backward with weight gamma / n] + (1 - 1/n) gamma s g
+#
+# where the native kernel is given ``mu_bar`` and ``s`` as the saved statistics. ``dgamma =
+# sum(g x_hat)`` and ``dbeta = sum(g)`` as in BN.
+def _pooled_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, past_mean: Tensor, past_sqmean: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, mu_bar, s)``: the output, the current batch's mean and biased variance, and
+    the pooled mean and inverse standard deviation the backward reads."""
+    mean, var, out = stats_and_output_buffer(x)
+    mean, var = mean.to(past_mean.dtype), var.to(past_mean.dtype)
+    mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean)
+    # Parameters in the statistics dtype: the CPU kernels take half inputs with float32 parameters.
+    gamma = None if weight is None else weight.to(mean.dtype)
+    beta = None if bias is None else bias.to(mean.dtype)
+    y = inference_batch_norm(x, gamma, beta, mean_bar, var_bar, eps, out)
+    return y, mean, var, mean_bar, torch.rsqrt(var_bar + eps)
+
+
+def _pooled_fake(x, weight, bias, past_mean, past_sqmean, eps):  # noqa: ANN001, ANN202
+    stat = past_mean.new_empty(x.size(1))
+    return torch.empty_like(x), stat, stat.clone(), stat.clone(), stat.clone()
+
+
+def _pooled_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest: tuple, outputs) -> None:  # noqa: ANN001
+    past_mean, _, eps = rest
+    _, _, _, mean_bar, invstd = outputs
+    ctx.save_for_backward(x, weight, mean_bar, invstd)
+    ctx.n, ctx.eps = past_mean.size(0) + 1, eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _pooled_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
+    x, weight, mean_bar, invstd = ctx.saved_tensors
+    n = ctx.n
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    gamma = torch.ones_like(invstd) if weight is None else weight.to(invstd.dtype)
+    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        grad_y.contiguous(memory_format=memory_format_of(x)),
+        x,
+        gamma / n,
+        None,
+        None,
+        mean_bar,
+        invstd,
+        True,
+        ctx.eps,
+        [need_x, need_w, need_b],
+    )
+    if need_x and n > 1:
+        gx.addcmul_(grad_y, (gamma * invstd * ((n - 1) / n)).to(gx.dtype).reshape(channel_shape(x)))
+    return (
+        gx if need_x else None,
+        gw.to(weight.dtype) if need_w and weight is not None else None,
+        gb.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None,
+    )
+
+
+_POOLED = FusedStep(
+    "normlab::cross_iteration_train", _pooled_forward, _pooled_setup, _pooled_backward, _pooled_fake
+)
+
+
+def _pool(
+    mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``mu_bar`` and ``sigma_bar^2`` of the pooled window from the current batch's mean and biased variance."""
+    past_mean = past_mean.detach().to(mean.dtype)
+    past_sqmean = past_sqmean.detach().to(mean.dtype)
+    n = past_mean.size(0) + 1
+    # max(nu, mu^2): a compensated nu may fall below mu^2; the current nu_t = var + mu^2 never does.
+    past_sqmean = torch.maximum(past_sqmean, past_mean.square())
+    mean_bar = (mean + past_mean.sum(0)) / n
+    sqmean_bar = (torch.addcmul(var, mean, mean) + past_sqmean.sum(0)) / n
+    return mean_bar, torch.addcmul(sqmean_bar, mean_bar, mean_bar, value=-1).clamp_min(0)
+
+
+def _flat_patch_args(producer: nn.Module, inp: Tensor) -> tuple[Tensor, list[int]]:
+    """The producer's input with any padding it does not express as symmetric zeros applied, and the padding left."""
+    padding = producer.padding
+    if isinstance(padding, str) or producer.padding_mode != "zeros":
+        mode = "constant" if producer.padding_mode == "zeros" else producer.padding_mode
+        return F.pad(inp, producer._reversed_padding_repeated_twice, mode=mode), [0] * (inp.dim() - 2)
+    return inp, list(padding)
+
+
+@torch.no_grad()
+def _derivative_sums(producer: nn.Module, inp: Tensor, out: Tensor, group: Any | None) -> tuple[Tensor, Tensor]:
+    """``sum_i p_i`` per group and ``sum_i y_ic p_i`` per channel (see :func:`producer_derivatives`)."""
+    w = producer.weight.detach()
+    if isinstance(producer, nn.Linear):
+        dsq = out.t().mm(inp)
+        dmu = inp.sum(0, keepdim=True)
+    else:
+        inp, padding = _flat_patch_args(producer, inp)
+        groups = producer.groups
+        args = (list(producer.stride), padding, list(producer.dilation), False, [0], groups, (False, True, False))
+        # d nu: the weight gradient of the producer for grad_output = y (times 2/m in the store). The
+        # real weight, though its values are unused: a stand-in would be copied to a dense one.
+        dsq = torch.ops.aten.convolution_backward(out, inp, w.to(inp.dtype), None, *args)[1]
+        # d mu: the sum of the input patches, the weight gradient for grad_output = 1 with one output
+        # channel per group, on the batch-summed input.
+        ones = out.new_ones(()).expand(1, groups, *out.shape[2:])
+        stand_in = inp.new_empty((groups, *w.shape[1:]))
+        dmu = torch.ops.aten.convolution_backward(ones, inp.sum(0, keepdim=True), stand_in, None, *args)[1]
+    dmu, dsq = global_sum([dmu, dsq], group)
+    return dmu, dsq
+
+
+def _weight_terms(weight: Tensor, dmean: Tensor, dsqmean: Tensor) -> tuple[Tensor, Tensor]:
+    """``d mu / d W . W`` and ``d nu / d W . W`` per slot and channel, ``(n, C)`` each.
+
+    ``weight`` is ``W`` as ``(C, F)``, the same for all slots, ``dmean`` is ``(n, groups, F)`` and
+    ``dsqmean`` ``(n, C, F)``. One batched matmul each, over the whole window.
+    """
+    n, groups, fan_in = dmean.shape
+    c = dsqmean.size(1)
+    weight = weight.to(dmean.dtype)
+    if groups == 1:
+        d_mu = dmean.view(n, fan_in).mm(weight.t())
+    else:  # (groups, C/groups, F) @ (groups, F, n), back to (n, C)
+        d_mu = torch.matmul(weight.view(groups, c // groups, fan_in), dmean.permute(1, 2, 0))
+        d_mu = d_mu.permute(2, 0, 1).reshape(n, c)
+    # Channel c of every slot against W_c: one fused multiply-and-sum over F (a bmm over channels
+    # would first copy the window channel-major).
+    return d_mu, torch.linalg.vecdot(dsqmean, weight)
+
+
+def _intercepts(
+    mean: Tensor, sqmean: Tensor, dmean: Tensor, dsqmean: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The part of the Taylor step that does not involve the current weights.
+
+    ``mu - d mu / d W . W_old - b_old`` and ``nu - d nu / d W . W_old - 2 mu b_old`` for stored
+    statistics ``(n, C)`` whose producer had the weights ``weight`` ``(C, F)`` and ``bias`` ``(C,)``
+    (the shapes as in :func:`_weight_terms`), so that :func:`_taylor_step` needs only the current ones.
+    """
+    d_mu, d_nu = _weight_terms(weight, dmean, dsqmean)
+    mean_0, sqmean_0 = mean - d_mu, sqmean - d_nu
+    if bias is not None:
+        bias = bias.to(mean.dtype)
+        mean_0 = mean_0 - bias
+        sqmean_0 = torch.addcmul(sqmean_0, mean, bias, value=-2)
+    return mean_0, sqmean_0
+
+
+def _taylor_step(
+    mean_0: Tensor, sqmean_0: Tensor, mean: Tensor, dmean: Tensor, dsqmean: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``mu_{t-tau}(theta_t)`` and ``nu_{t-tau}(theta_t)`` from the :func:`_intercepts` and the current ``W``, ``b``.
+
+    ``weight`` is ``W`` as ``(C, F)``; the other shapes as in :func:`_weight_terms`.
+    """
+    d_mu, d_nu = _weight_terms(weight, dmean, dsqmean)
+    mean_t, sqmean_t = mean_0 + d_mu, sqmean_0 + d_nu
+    if bias is not None:
+        bias = bias.to(mean.dtype)
+        mean_t = mean_t + bias
+        sqmean_t = torch.addcmul(sqmean_t, mean, bias, value=2)
+    return mean_t, sqmean_t

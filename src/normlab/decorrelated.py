@@ -56,15 +56,16 @@ coincide) the ``1/(l_j - l_i)`` terms of the eigenvector derivative are set to z
 below ``sqrt(machine eps) * l_max``. ``newton`` differentiates the matrix products (by hand, step by
 step, in the training step; by autograd elsewhere).
 
-The training step is one autograd Function, batched over groups, that keeps the centred input Xc
-sample-major (``Xc^T`` per group; for (N, C) input with a column of ones appended) for the backward: the
-forward makes the mean, the centring, the covariance GEMM and the whitening GEMM ``diag(gamma) W Xc +
-beta`` (affine included); the backward the GEMM ``dL/dy Xc^T`` (which gives ``dL/dW`` and
-``dL/dgamma``), the sum of ``dL/dy`` (on the ones column for (N, C) input) and the input gradient
-``(diag(gamma) W)^T (dL/dy - mean(dL/dy)) + (G_S + G_S^T)/m Xc`` as two GEMMs accumulated in one buffer.
+The training step is one :class:`normlab.dispatch.FusedStep` (a hand-written backward), batched over
+groups, that keeps the centred input Xc sample-major (``Xc^T`` per group; for (N, C) input with a column
+of ones appended) for the backward: the forward makes the mean, the centring, the covariance GEMM and
+the whitening GEMM ``diag(gamma) W Xc + beta`` (affine included); the backward the GEMM ``dL/dy Xc^T``
+(which gives ``dL/dW`` and ``dL/dgamma``), the sum of ``dL/dy`` (on the ones column for (N, C) input)
+and the input gradient ``(diag(gamma) W)^T (dL/dy - mean(dL/dy)) + (G_S + G_S^T)/m Xc`` as two GEMMs
+accumulated in one buffer.
 
 Distributed (``process_group`` set, see :func:`normlab.sync`): the count, per-channel sums and per-group
-sums of ``x x^T`` travel in one differentiable :func:`normlab.base.global_sum`, so the mean and the
+sums of ``x x^T`` travel in one differentiable :func:`normlab.comm.global_sum`, so the mean and the
 covariance (``E[x x^T] - mu mu^T``) are those of the global batch; that path is composed of
 differentiable ops and autograd gives the gradient of the whole batch.
 """
@@ -72,19 +73,22 @@ differentiable ops and autograd gives the gradient of the whole batch.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Moments, NormBase
-from .checks import check_global_count
+from .base import BatchStats, Moments, NormBase
+from .checks import check_global_count, check_input, keyword_options
 from .comm import global_sum
-from .kernels import accumulation_dtype, buffer_dtype, ema, stat_dtype
+from .dispatch import FusedStep
+from .kernels import accumulation_dtype, buffer_dtype, ema, running_update, stat_dtype
 
 __all__ = [
     "DecorrelatedBatchNorm",
+    "GroupedMoments",
     "decorrelated_batch_norm",
     "whitening_matrix",
     "group_layout",
@@ -95,168 +99,538 @@ __all__ = [
 METHODS = ("zca", "pca", "newton")
 
 
-# ------------------------------------------------------------------------------------ group layout
+_LEGACY_ORDER = (
+    "group_size", "method", "eps", "momentum", "affine", "track_running_stats", "iterations", "device", "dtype"
+)
+
+
+def _legacy_order(args: tuple[Any, ...]) -> bool:
+    # Before the options were keyword-only, group_size (an int) and method (a str) came second and third.
+    first = args[0]
+    return (isinstance(first, int) and not isinstance(first, bool)) or (len(args) > 1 and isinstance(args[1], str))
+
+
+class DecorrelatedBatchNorm(NormBase):
+    """Decorrelated Batch Normalization over inputs ``(N, C, *)`` (Huang et al. 2018); see the module docstring.
+
+    Args:
+        num_features: ``C``.
+        eps: added to the covariance diagonal (must be > 0: a rank-deficient covariance has no inverse
+            square root).
+        momentum: rate of the running mean, variance and whitening matrix; ``None`` for a cumulative average.
+        affine: learnable per-channel ``gamma``/``beta`` after the whitening.
+        track_running_stats: keep running statistics and use them in eval.
+        group_size: channels whitened together (the last group is smaller when ``C`` is not a multiple;
+            ``group_size >= C`` whitens all channels together; 1 is batch normalization).
+        method: ``"zca"`` (the paper's DBN), ``"pca"`` (for comparison only, see the module docstring) or
+            ``"newton"`` (IterNorm's iterative whitening).
+        iterations: Newton steps ``T`` for ``method="newton"``.
+
+    ``group_size``, ``method`` and ``iterations`` are keyword-only (the earlier positional order,
+    ``DecorrelatedBatchNorm(C, group_size, method, ...)``, still works with a ``DeprecationWarning``).
+
+    Buffers: ``running_mean`` (C,) and ``running_var`` (C,) with BatchNorm's meaning, ``running_whitening``
+    (G, g, g) (layout in the module docstring) and ``num_batches_tracked``. Eval uses ``running_mean``
+    and ``running_whitening`` only; with ``group_size=1`` training is exactly BatchNorm, while eval
+    averages ``1/sqrt(var_B + eps)`` (the paper's running whitening matrix) where BatchNorm averages
+    ``var_B``. Converting a BatchNorm layer (``normlab.convert(model, "dbn")``) starts the running
+    whitening matrix at ``diag(1/sqrt(running_var + eps))``, so the converted model's eval output is
+    the original one until it trains.
+    """
+
+    @keyword_options(_LEGACY_ORDER, _legacy_order)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        group_size: int = 16,
+        method: str = "zca",
+        iterations: int = 5,
+    ) -> None:
+        name = type(self).__name__
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"{name}: expected group_size to be a positive int, got {group_size!r}")
+        _check_method(name, method, iterations)
+        if not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"{name}: expected eps > 0 (whitening needs a positive definite covariance), got {eps!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.group_size = group_size
+        self.method = method
+        self.iterations = iterations
+        self.num_groups, self.padded_group_size = group_layout(num_features, group_size)
+        if track_running_stats:
+            sdt = buffer_dtype(dtype)
+            self.register_buffer("running_whitening", self._identity(device, sdt))
+        else:
+            self.register_buffer("running_whitening", None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, group_size={self.group_size}, method={self.method!r}, "
+            f"iterations={self.iterations}"
+        )
+
+    # ----------------------------------------------------------------------------- the paper's steps
+    def normalize_running(self, x: Tensor) -> Tensor:
+        """Eval (or frozen): ``y = diag(gamma) W_run (x - mu_run) + beta`` per group."""
+        A, b = self._grouped_affine(torch.promote_types(stat_dtype(x), self.running_whitening.dtype))
+        xv = _grouped(x.to(A.dtype), self.num_groups, self.padded_group_size)
+        y = _apply(A, xv).add_(_expand(b, xv))
+        return _ungrouped(y, x.shape).to(x.dtype)
+
+    def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
+        y, mean, cov, W, count = _batch_step(
+            x, self.weight, self.bias, self.num_groups, self.padded_group_size, self.eps, self.method,
+            self.iterations, group,
+        )
+        return y, BatchStats(mean, cov, count, (W,))
+
+    def update_running(self, stats: BatchStats) -> None:
+        """The running mean, variance (the covariance diagonal) and whitening matrix move towards the batch's."""
+        (W,) = stats.extra
+        _move_running(
+            self.running_mean, self.running_var, self.running_whitening, stats.mean, stats.var, W, stats.count,
+            self.step_factor(),
+        )
+
+    # ----------------------------------------------------------------------------- state
+    def _identity(self, device: torch.device | str | None, dtype: torch.dtype | None) -> Tensor:
+        G, g = self.num_groups, self.padded_group_size
+        return torch.eye(g, device=device, dtype=dtype).repeat(G, 1, 1)
+
+    def _float32_buffers(self) -> tuple[str, ...]:
+        return (*super()._float32_buffers(), "running_whitening")
+
+    def reset_running_stats(self) -> None:
+        """Reset as BatchNorm does, and the running whitening matrix to the identity."""
+        super().reset_running_stats()
+        buf = getattr(self, "running_whitening", None)
+        if buf is not None:
+            buf.copy_(self._identity(buf.device, buf.dtype))
+
+    def _diagonal_whitening(self, running_var: Tensor) -> Tensor:
+        """The running whitening matrix of a channel-wise layer: ``diag(1/sqrt(running_var + eps))``."""
+        inv = torch.rsqrt(running_var.to(self.running_whitening.dtype) + self.eps)
+        return torch.diag_embed(_pad_vector(inv, self.num_groups, self.padded_group_size, 1.0))
+
+    def adopt(self, source: nn.Module, copied: list[str]) -> None:
+        """From a channel-wise layer: a diagonal whitening matrix, so eval is what it was before."""
+        if self.track_running_stats and "running_var" in copied and "running_whitening" not in copied:
+            with torch.no_grad():
+                self.running_whitening.copy_(self._diagonal_whitening(self.running_var))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: ANN001 - torch's signature
+        key, var = prefix + "running_whitening", state_dict.get(prefix + "running_var")
+        if (
+            self.track_running_stats
+            and key not in state_dict
+            and isinstance(var, Tensor)
+            and var.shape == (self.num_features,)
+        ):
+            # A BatchNorm checkpoint: its eval map, as a diagonal whitening matrix.
+            state_dict[key] = self._diagonal_whitening(var.to(self.running_whitening.device))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _mask(self, like: Tensor) -> Tensor | None:
+        return _pad_mask(self.num_features, self.num_groups, self.padded_group_size, like)
+
+    def _grouped_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Eval map per group: ``A = diag(gamma) W_run`` (G, g, g) and ``b = beta - A mu_run`` (G, g).
+
+        Differentiable in ``gamma`` and ``beta``: a frozen layer (running statistics in training)
+        still trains its affine."""
+        return _running_affine(
+            self.running_mean, self.running_whitening, self.weight, self.bias, self.num_groups,
+            self.padded_group_size, dtype,
+        )
+
+    # ----------------------------------------------------------------------------- statistics interface
+    @torch.no_grad()
+    def moments(self, x: Tensor) -> Moments:
+        """Batch mean (C,) and biased per-group covariance (G, g, g) (zero padding) of ``x``."""
+        self.check_input(x)
+        mean, cov, m = group_covariance(x, self.group_size)
+        return GroupedMoments(m, mean, cov)
+
+    @torch.no_grad()
+    def load_statistics(self, mean: Tensor, var: Tensor) -> None:
+        """Set the running statistics from a population mean (C,) and *unbiased* covariance (G, g, g).
+
+        ``running_whitening`` becomes the whitening matrix of ``var + eps I`` by this layer's method:
+        an eigendecomposition for zca/pca, ``iterations`` Newton steps for newton. ``running_var``
+        becomes the covariance diagonal. Padding entries of ``var`` are ignored.
+        """
+        name = type(self).__name__
+        if not self.track_running_stats:
+            raise ValueError(f"{name}: has no running statistics (track_running_stats=False)")
+        G, g, c = self.num_groups, self.padded_group_size, self.num_features
+        if tuple(mean.shape) != (c,):
+            raise ValueError(f"{name}: expected a mean of shape ({c},), got {tuple(mean.shape)}")
+        if tuple(var.shape) != (G, g, g):
+            raise ValueError(
+                f"{name}: expected a per-group covariance of shape ({G}, {g}, {g}), got {tuple(var.shape)}"
+            )
+        cov = var.to(self.running_whitening.device, torch.float64 if var.dtype == torch.float64 else torch.float32)
+        if not (bool(torch.isfinite(cov).all()) and bool(torch.isfinite(mean).all())):
+            raise ValueError(f"{name}: expected a finite mean and covariance, got non-finite values")
+        if not torch.allclose(cov, cov.mT, rtol=1e-4, atol=1e-6 * float(cov.abs().max().clamp_min(1))):
+            raise ValueError(f"{name}: expected symmetric per-group covariances, got a non-symmetric one")
+        mask = self._mask(cov)
+        W = _whitening(_regularized(cov, self.eps, mask, self.method), self.method, self.iterations, mask, self.eps)
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError(f"{name}: the covariance gives a non-finite whitening matrix (is it symmetric PSD?)")
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(cov.diagonal(dim1=-2, dim2=-1).reshape(-1)[:c])
+        self.running_whitening.copy_(_stored(W, mask))
+
+    @torch.no_grad()
+    def inference_affine(self) -> tuple[Tensor, Tensor]:
+        """``(A, b)`` with eval output ``y = A x + b`` along channels: ``A`` dense block-diagonal (C, C)."""
+        if not self.track_running_stats:
+            raise ValueError(f"{type(self).__name__}: has no running statistics (track_running_stats=False)")
+        # float32 at least, as the channel-wise layers return it; float64 for float64 layers.
+        A, b = self._grouped_affine(torch.promote_types(self.running_whitening.dtype, torch.float32))
+        G, g, c = self.num_groups, self.padded_group_size, self.num_features
+        dense = A.new_zeros(G, g, G, g)
+        idx = torch.arange(G, device=A.device)
+        dense[idx, :, idx, :] = A
+        return dense.reshape(G * g, G * g)[:c, :c].contiguous(), b.reshape(-1)[:c].contiguous()
+
+
+class GroupedMoments(Moments):
+    """:class:`~normlab.base.Moments` whose ``var`` is per-group covariances ``(G, g, g)`` (zero padding).
+
+    The groups cover consecutive channels; the last may be padded at its end (a group smaller than
+    the others), the padding being zero.
+    """
+
+    __slots__ = ()
+
+    def _blocks(self, delta: Tensor) -> Tensor:
+        """``delta`` laid out as the rows of the covariance blocks, ``(G, g)`` (zero padding)."""
+        var = self.var
+        g, c = var.shape[-1], delta.numel()
+        slots = var.numel() // g
+        if var.dim() < 2 or var.shape[-1] != var.shape[-2] or not c <= slots < c + g:
+            raise ValueError(
+                f"exact pooling: expected square covariance blocks (..., g, g) covering the {c} mean entries, "
+                f"got shape {tuple(var.shape)}"
+            )
+        flat = delta.reshape(-1)
+        if slots > c:
+            flat = torch.cat([flat, flat.new_zeros(slots - c)])
+        return flat.reshape(var.shape[:-1])
+
+    def outer(self, delta: Tensor) -> Tensor:
+        """``delta delta^T`` per covariance block."""
+        d = self._blocks(delta)
+        return d.unsqueeze(-1) * d.unsqueeze(-2)
+
+    def marginal_var(self) -> Tensor:
+        """The per-channel variances: the blocks' diagonals, without the padding."""
+        self._blocks(self.mean)  # validates the layout
+        return torch.diagonal(self.var, dim1=-2, dim2=-1).reshape(-1)[: self.mean.numel()]
+
+
+# ------------------------------------------------------------------------------------ functional core
+_UNSET: Any = object()
+
+
+def decorrelated_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = _UNSET,
+    momentum: float | Tensor | None = _UNSET,
+    eps: float = _UNSET,
+    *,
+    running_whitening: Tensor | None = None,
+    group_size: int = 16,
+    method: str = "zca",
+    iterations: int = 5,
+    process_group: Any | None = None,
+    group: Any | None = None,
+) -> Tensor:
+    """Decorrelated batch normalization of ``x`` ``(N, C, *)``, in ``F.batch_norm``'s shape.
+
+    ``training=False``: ``y = diag(gamma) W_run (x - running_mean) + beta`` per group, with
+    ``running_whitening`` (G, g, g) (required; ``running_var`` is unused). ``training=True``: the
+    paper's training step on the batch (global over ``process_group``); with ``momentum`` (default
+    0.1) the running buffers that are given move towards the batch's mean, unbiased variance (the
+    covariance diagonal) and whitening matrix in place; ``momentum=None`` leaves them as they are.
+
+    Deprecated: the earlier form ``decorrelated_batch_norm(x, weight, bias, group_size, method, eps,
+    iterations, group)``, which always trained and returned ``(y, mean, cov, W, m)``, is still
+    accepted (any call without a bool ``training``) with a ``DeprecationWarning``.
+    """
+    if training is _UNSET or not isinstance(training, bool):
+        # The earlier positional order: (x, weight, bias, group_size, method, eps, iterations, group).
+        warnings.warn(
+            "decorrelated_batch_norm(x, weight, bias, group_size, method, ...) is deprecated; the arguments "
+            "now follow F.batch_norm: (x, running_mean, running_var, weight, bias, training, momentum, eps, *, "
+            "running_whitening, group_size, method, iterations, process_group)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        group_size = group_size if weight is None else weight
+        method = method if bias is None else bias
+        old_eps = 1e-5 if eps is _UNSET or not isinstance(eps, (int, float)) else eps
+        old_eps = old_eps if training is _UNSET else training
+        iterations = iterations if momentum is _UNSET else momentum
+        if eps is not _UNSET and not isinstance(eps, (int, float)):
+            group = eps
+        _check_method("decorrelated_batch_norm", method, iterations)
+        G, g = group_layout(x.size(1), group_size)
+        return _batch_step(x, running_mean, running_var, G, g, old_eps, method, iterations, group)
+    momentum = 0.1 if momentum is _UNSET else momentum
+    eps = 1e-5 if eps is _UNSET else eps
+    _check_method("decorrelated_batch_norm", method, iterations)
+    G, g = group_layout(x.size(1), group_size)
+    if not training:
+        if running_mean is None or running_whitening is None:
+            raise ValueError("decorrelated_batch_norm: expected running_mean and running_whitening when training=False")
+        A, b = _running_affine(running_mean, running_whitening, weight, bias, G, g, running_whitening.dtype)
+        xv = _grouped(x.to(A.dtype), G, g)
+        return _ungrouped(_apply(A, xv).add_(_expand(b, xv)), x.shape).to(x.dtype)
+    check_input("decorrelated_batch_norm", x, x.size(1), process_group is None)
+    y, mean, cov, W, count = _batch_step(x, weight, bias, G, g, eps, method, iterations, process_group)
+    if momentum is not None and running_mean is not None:
+        _move_running(running_mean, running_var, running_whitening, mean, cov, W, count, momentum)
+    return y
+
+
+def whitening_matrix(cov: Tensor, method: str = "zca", eps: float = 1e-5, iterations: int = 5) -> Tensor:
+    """The whitening matrix of each covariance in ``cov`` (..., k, k), differentiable.
+
+    ``zca``: ``(cov + eps I)^{-1/2}``; ``pca``: ``Lambda^{-1/2} D^T``; ``newton``: ``iterations`` steps of
+    the IterNorm iteration. See the module docstring for the formulas and the backward.
+    """
+    _check_method("whitening_matrix", method, iterations)
+    if cov.dim() < 2 or cov.size(-1) != cov.size(-2):
+        raise ValueError(f"whitening_matrix: expected square matrices (..., k, k), got shape {tuple(cov.shape)}")
+    k = cov.size(-1)
+    flat = cov.reshape(-1, k, k)
+    sigma = flat + eps * torch.eye(k, dtype=cov.dtype, device=cov.device)
+    return _whitening(sigma, method, iterations, None, eps).reshape(cov.shape)
+
+
+@torch.no_grad()
+def group_covariance(x: Tensor, group_size: int) -> tuple[Tensor, Tensor, int]:
+    """``(mean (C,), biased per-group covariance (G, g, g), m)`` of ``x`` (N, C, *), zero padded."""
+    c = x.size(1)
+    G, g = group_layout(c, group_size)
+    xv = _grouped(x.to(stat_dtype(x)), G, g)
+    m = xv.numel() // (G * g)
+    mean = xv.mean(_sample_dims(xv))
+    xc = xv - _expand(mean, xv)
+    return mean.reshape(-1)[:c], _gram(xc, xc) / m, m
+
+
 def group_layout(num_features: int, group_size: int) -> tuple[int, int]:
     """``(G, g)``: the number of groups and the (padded) group size for ``num_features`` channels."""
     g = min(group_size, num_features)
     return -(-num_features // g), g
 
 
-def _grouped(x: Tensor, G: int, g: int) -> Tensor:
-    """``x`` (N, C, *) as ``(N, G, g)`` (2-D input) or ``(N, G, g, L)``, zero channels appended to G*g."""
-    n, c = x.shape[:2]
-    pad = G * g - c
-    if x.dim() == 2:
-        v = F.pad(x, (0, pad)) if pad else x
-        return v.reshape(n, G, g)
-    v = x.reshape(n, c, math.prod(x.shape[2:]))  # explicit sizes: a process may hold no samples
-    if pad:
-        v = F.pad(v, (0, 0, 0, pad))
-    return v.reshape(n, G, g, v.size(-1))
+# ------------------------------------------------------------------------------------ the training step
+def _batch_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    G: int,
+    g: int,
+    eps: float,
+    method: str,
+    iterations: int,
+    group: Any | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean (C,), cov (G, g, g), W (G, g, g), m)`` of one training step (no running update).
 
-
-def _ungrouped(v: Tensor, shape: torch.Size) -> Tensor:
-    """Inverse of :func:`_grouped`: ``(N, G, g[, L])`` back to ``shape`` (padding dropped)."""
-    n, c = shape[0], shape[1]
-    v = v.reshape(n, v.size(1) * v.size(2)) if v.dim() == 3 else v.reshape(n, v.size(1) * v.size(2), v.size(-1))
-    if v.size(1) != c:
-        v = v[:, :c]
-    return v.reshape(shape)
-
-
-def _sample_dims(v: Tensor) -> tuple[int, ...]:
-    return (0,) if v.dim() == 3 else (0, 3)
-
-
-def _expand(t: Tensor, v: Tensor) -> Tensor:
-    """A per-group vector ``(G, g)`` shaped to broadcast against the grouped layout ``v``."""
-    return t if v.dim() == 3 else t.unsqueeze(-1)
-
-
-def _gram(a: Tensor, b: Tensor) -> Tensor:
-    """Per group, the sum over samples of ``a b^T``: ``(G, g, g)``."""
-    if a.dim() == 3:
-        return torch.einsum("ngi,ngj->gij", a, b)
-    # Batched over (sample, group) with the spatial axis as the inner dimension, then summed over N:
-    # no permuted copy of the data.
-    return torch.matmul(a, b.transpose(-1, -2)).sum(0)
-
-
-def _apply(M: Tensor, v: Tensor) -> Tensor:
-    """Per group, ``M_k @ v_k`` for ``M`` (G, g, g) and the grouped layout ``v``; same layout out."""
-    if v.dim() == 3:
-        return torch.einsum("gij,ngj->ngi", M, v)
-    return torch.matmul(M, v)
-
-
-# The training step keeps the centred input Xc in a sample-major buffer, so that each group of each
-# sample is a row-major (samples x g) matrix Xc^T: BLAS is several times faster on such operands
-# (Xc Xc^T as a product of transposed row-major matrices, dL/dy Xc^T as a plain product) than on
-# channel-major ones.
-# - 2-D input: (N, G, g + 1), with a column of ones appended to each group, which folds the
-#   per-channel constants into the GEMMs: [A | b] [Xc; 1] is the whitening with its bias, and
-#   dL/dy [Xc^T, 1] gives dL/dy Xc^T and the sum of dL/dy in one product.
-# - Spatial input: (N, G, L, g), one (L x g) matrix per sample and group; the products are batched
-#   over samples and groups and read the input and its gradient in place, in their (N, C, L) layout.
-#   No ones column here: its strided fill costs more than the separate sum and the bias term of
-#   baddbmm, and a row of g + 1 floats misaligns every row of the GEMMs.
-def _centred(xv: Tensor, mean: Tensor) -> Tensor:
-    """The sample-major buffer of the grouped input ``xv`` (N, G, g[, L]) minus its ``mean`` (G, g)."""
-    n, G, g = xv.shape[:3]
-    if xv.dim() == 3:
-        xa = xv.new_empty((n, G, g + 1))
-        xa[..., g].fill_(1.0)  # a fill, not an indexed assignment: the strided copy of a scalar is slow
-        torch.sub(xv, mean, out=xa[..., :g])
-        return xa
-    xa = xv.new_empty((n, G, xv.size(3), g))
-    torch.sub(xv, mean.unsqueeze(-1), out=xa.mT)
-    return xa
-
-
-def _per_sample(M: Tensor, n: int) -> Tensor:
-    """``M`` (G, ...) repeated for each of ``n`` samples, as a batch (n * G, ...)."""
-    return M.expand(n, *M.shape).reshape(n * M.size(0), *M.shape[1:])
-
-
-def _scatter(xa: Tensor, g: int) -> Tensor:
-    """Per group, ``sum Xc Xc^T`` over the samples: (G, g, g)."""
-    if xa.dim() == 3:
-        rows = xa.transpose(0, 1)[..., :g]
-        return torch.bmm(rows.mT, rows)
-    flat = xa.flatten(0, 1)
-    return torch.bmm(flat.mT, flat).unflatten(0, xa.shape[:2]).sum(0)
-
-
-def _affine(M: Tensor, b: Tensor, xa: Tensor) -> Tensor:
-    """Per group, ``M_k Xc + b_k`` for ``M`` (G, g, g) and ``b`` (G, g), in the grouped layout (N, G, g[, L]).
-
-    For 2-D input the GEMM is group-major and the result a transposed view of it (a GEMM writing each
-    group's block into the (N, C) result in place is several times slower than one contiguous GEMM and
-    a transposing copy)."""
-    if xa.dim() == 3:
-        return torch.bmm(xa.transpose(0, 1), torch.cat([M, b.unsqueeze(-1)], -1).mT).transpose(0, 1)
-    n = xa.size(0)
-    out = torch.baddbmm(_per_sample(b.unsqueeze(-1), n), _per_sample(M, n), xa.flatten(0, 1).mT)
-    return out.unflatten(0, xa.shape[:2])
-
-
-def _grad_products(gv: Tensor, xa: Tensor) -> tuple[Tensor, Tensor]:
-    """Per group, ``sum dL/dy Xc^T`` (G, g, g) and ``sum dL/dy`` (G, g), for ``gv`` in the grouped layout."""
-    n, G, g = gv.shape[:3]
-    if gv.dim() == 3:
-        Pa = torch.bmm(gv.transpose(0, 1).mT, xa.transpose(0, 1))
-        return Pa[..., :g], Pa[..., g]
-    P = torch.bmm(gv.reshape(n * G, g, -1), xa.flatten(0, 1)).unflatten(0, (n, G)).sum(0)
-    return P, gv.sum((0, 3))
-
-
-def _input_grad(M: Tensor, b: Tensor, At: Tensor, gv: Tensor, xa: Tensor) -> Tensor:
-    """Per group, ``M_k Xc + b_k + At_k dL/dy`` in the grouped layout (N, G, g[, L])."""
-    out = _affine(M, b, xa)
-    # Accumulated into the contiguous GEMM result that _affine's output is a view of.
-    if gv.dim() == 3:
-        out.transpose(0, 1).baddbmm_(gv.transpose(0, 1), At.mT)
-    else:
-        out.flatten(0, 1).baddbmm_(_per_sample(At, gv.size(0)), gv.flatten(0, 1))
-    return out
-
-
-def _pad_mask(num_features: int, G: int, g: int, like: Tensor) -> Tensor | None:
-    """``(G, g)`` with 1 for real channels and 0 for padding, or ``None`` without padding."""
-    if G * g == num_features:
-        return None
-    mask = torch.zeros(G * g, dtype=like.dtype, device=like.device)
-    mask[:num_features] = 1
-    return mask.view(G, g)
-
-
-def _pad_vector(t: Tensor, G: int, g: int, value: float) -> Tensor:
-    pad = G * g - t.numel()
-    return (F.pad(t, (0, pad), value=value) if pad else t).view(G, g)
-
-
-def _regularized(cov: Tensor, eps: float, mask: Tensor | None, method: str) -> Tensor:
-    """``cov + eps I`` on the real channels, with a padding block that leaves them unaffected.
-
-    The padding block is ``c I`` (no gradient): for newton ``c`` is the trace of the real block, so
-    that ``Sigma_N`` is the identity there and the iterate stays the identity; for zca/pca it is
-    larger than every real eigenvalue, so the padding eigenvectors come last and stay separate.
+    ``cov`` is the biased per-group covariance without ``eps`` and ``W`` the batch whitening matrices
+    (padding as computed, not as stored). Locally the fused step below; over a process group the
+    same maths composed of differentiable ops on the global statistics (:func:`_dbn_global`).
     """
-    eye = torch.eye(cov.size(-1), dtype=cov.dtype, device=cov.device)
-    if mask is None:
-        return cov + eps * eye
-    sigma = cov * (mask.unsqueeze(-1) * mask.unsqueeze(-2)) + torch.diag_embed(eps * mask)
-    with torch.no_grad():
-        trace = (sigma.diagonal(dim1=-2, dim2=-1) * mask).sum(-1, keepdim=True)
-        fill = trace if method == "newton" else 2 * trace  # trace >= eps > 0 bounds every eigenvalue
-    return sigma + torch.diag_embed(fill * (1 - mask))
+    if group is not None:
+        return _dbn_global(x, weight, bias, G, g, eps, method, iterations, group)
+    y, mean, cov, W = _STEP(x, weight, bias, G, g, eps, method, iterations)[:4]
+    return y, mean, cov, W, torch.tensor(float(x.numel() // x.size(1)), dtype=cov.dtype, device=x.device)
 
 
-def _stored(W: Tensor, mask: Tensor | None) -> Tensor:
-    """``W`` with its padding block replaced by the identity (the storage layout)."""
-    if mask is None:
-        return W
-    return W * (mask.unsqueeze(-1) * mask.unsqueeze(-2)) + torch.diag_embed(1 - mask)
+@torch.no_grad()
+def _move_running(
+    running_mean: Tensor,
+    running_var: Tensor | None,
+    running_whitening: Tensor | None,
+    mean: Tensor,
+    cov: Tensor,
+    W: Tensor,
+    count: Tensor | float,
+    factor: Tensor | float,
+) -> None:
+    """The running mean and unbiased variance (the covariance diagonal) as BatchNorm moves them, and the
+    running whitening matrix (the paper's) towards ``W`` with its padding stored as the identity."""
+    c = running_mean.numel()
+    running_update(running_mean, running_var, mean, cov.diagonal(dim1=-2, dim2=-1).reshape(-1)[:c], count, factor)
+    if running_whitening is not None:
+        G, g = W.shape[:2]
+        ema(running_whitening, _stored(W, _pad_mask(c, G, g, W)), factor)
+
+
+def _running_affine(
+    running_mean: Tensor,
+    running_whitening: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    G: int,
+    g: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """The eval map per group: ``A = diag(gamma) W_run`` (G, g, g) and ``b = beta - A mu_run`` (G, g)."""
+    W = running_whitening.to(dtype)
+    A = W if weight is None else _pad_vector(weight.to(dtype), G, g, 1.0).unsqueeze(-1) * W
+    mu = _pad_vector(running_mean.to(dtype), G, g, 0.0)
+    b = -(A @ mu.unsqueeze(-1)).squeeze(-1)
+    if bias is not None:
+        b = b + _pad_vector(bias.to(dtype), G, g, 0.0)
+    return A, b
+
+
+def _step_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    G: int,
+    g: int,
+    eps: float,
+    method: str,
+    iterations: int,
+) -> tuple[Tensor, ...]:
+    """``(y, mean, cov, W, xa, *saved)`` of the local step: ``xa`` (the centred input, sample-major) and
+    ``saved`` (the eigendecomposition, or the Newton iterates) are what the backward reads."""
+    c = x.size(1)
+    xv = _grouped(x.to(stat_dtype(x)), G, g)
+    m = xv.numel() // (G * g)
+    mean = xv.mean(_sample_dims(xv))
+    xa = _centred(xv, mean)
+    cov = _scatter(xa, g) / m
+    mask = _pad_mask(c, G, g, cov)
+    sigma = _regularized(cov, eps, mask, method)
+    if method == "newton":
+        W, saved = _newton_forward(sigma, iterations, mask)
+    else:
+        s, D = _eig(sigma, eps)
+        W = _zca_forward(D, s) if method == "zca" else _pca_forward(D, s)
+        saved = (D, s)
+    A = W if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0).unsqueeze(-1) * W
+    beta = W.new_zeros(G, g) if bias is None else _pad_vector(bias.to(W.dtype), G, g, 0.0)
+    if xa.dim() == 4 and G * g == c and x.dtype == W.dtype:
+        # The GEMM writes straight into an output of the input's shape (no copy, and not a view).
+        y = x.new_empty(x.shape)
+        _affine(A, beta, xa, out=y.view(xa.size(0) * G, g, xa.size(2)))
+    else:
+        y = _fresh(_ungrouped(_affine(A, beta, xa), x.shape).to(x.dtype))
+    return (y, mean.reshape(-1)[:c], cov, W, xa, *saved)
+
+
+def _step_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest: tuple, outputs) -> None:  # noqa: ANN001
+    _, _, cov, W, xa, *saved = outputs
+    G, g, eps, method, iterations = rest
+    gamma = None if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0)
+    ctx.save_for_backward(xa, W, gamma, *saved)
+    m = x.numel() // x.size(1)
+    ctx.setup = (x.shape, x.dtype, m, _pad_mask(x.size(1), G, g, cov), method, _dtype(weight), _dtype(bias))
+
+
+def _step_backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
+    xa, W, gamma, *saved = ctx.saved_tensors
+    shape, dtype, m, mask, method, w_dtype, b_dtype = ctx.setup
+    G, g = W.shape[:2]
+    c = shape[1]
+    gv = _grouped(gy.to(W.dtype), G, g)
+    P, gsum = _grad_products(gv, xa)
+    g_weight = (P * W).sum(-1).reshape(-1)[:c].to(w_dtype) if ctx.needs_input_grad[1] else None
+    g_bias = gsum.reshape(-1)[:c].to(b_dtype) if ctx.needs_input_grad[2] else None
+    if not ctx.needs_input_grad[0]:
+        return None, g_weight, g_bias
+    A = W if gamma is None else gamma.unsqueeze(-1) * W
+    gW = P if gamma is None else gamma.unsqueeze(-1) * P
+    if method == "newton":
+        g_sigma = _newton_backward(tuple(saved), gW, mask)
+    else:
+        D, s = saved
+        g_sigma = (_zca_backward if method == "zca" else _pca_backward)(D, s, gW)
+    if mask is not None:
+        g_sigma = g_sigma * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
+    # d/dXc of W Xc and of Xc Xc^T / m; the mean's backward subtracts the mean gradient,
+    # which is A^T mean(dL/dy) because Xc sums to zero: one GEMM over Xc (with that shift), one over dL/dy.
+    shift = -(A.mT @ gsum.unsqueeze(-1)) / m
+    gx = _input_grad((g_sigma + g_sigma.mT) / m, shift.squeeze(-1), A.mT, gv, xa)
+    return _ungrouped(gx, shape).to(dtype), g_weight, g_bias
+
+
+_STEP = FusedStep("normlab::decorrelated_train", _step_forward, _step_setup, _step_backward)
+
+
+def _dtype(t: Tensor | None) -> torch.dtype | None:
+    return None if t is None else t.dtype
+
+
+def _fresh(y: Tensor) -> Tensor:
+    """``y`` as a tensor of its own: a step's output must not be a view (in-place ops on it would fail)."""
+    return y if y._base is None else y.clone(memory_format=torch.contiguous_format)
+
+
+def _dbn_global(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    G: int,
+    g: int,
+    eps: float,
+    method: str,
+    iterations: int,
+    group: Any | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The training step composed of differentiable ops, with statistics summed over ``group``."""
+    c = x.size(1)
+    sdt = stat_dtype(x)
+    xv = _grouped(x.to(sdt), G, g)
+    # Raw sums of x x^T lose the covariance to cancellation in float32: accumulate in float64.
+    xa = xv.to(accumulation_dtype(sdt, x.device))
+    dims = _sample_dims(xa)
+    count = torch.full((1,), float(xa.numel() // (G * g)), dtype=xa.dtype, device=xa.device)
+    s, ss, count = global_sum([xa.sum(dims), _gram(xa, xa), count], group)
+    count = count.reshape(())
+    check_global_count(count, "DecorrelatedBatchNorm", x)
+    mean = s / count
+    cov = (ss / count - mean.unsqueeze(-1) * mean.unsqueeze(-2)).to(sdt)
+    mean, count = mean.to(sdt), count.to(sdt)
+    mask = _pad_mask(c, G, g, cov)
+    W = _whitening(_regularized(cov, eps, mask, method), method, iterations, mask, eps)
+    A = W if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0).unsqueeze(-1) * W
+    y = _apply(A, xv - _expand(mean, xv))
+    if bias is not None:
+        y = y + _expand(_pad_vector(bias.to(W.dtype), G, g, 0.0), y)
+    return _ungrouped(y, x.shape).to(x.dtype), mean.detach().reshape(-1)[:c], cov.detach(), W.detach(), count
+
+
+def _check_method(name: str, method: str, iterations: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"{name}: expected method in {METHODS}, got {method!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"{name}: expected iterations to be a positive int, got {iterations!r}")
 
 
 # ------------------------------------------------------------------------------------ whitening matrices
@@ -371,389 +745,160 @@ def _whitening(sigma: Tensor, method: str, iterations: int, mask: Tensor | None,
     return _EigenWhitening.apply(sigma, method, floor)
 
 
-def whitening_matrix(cov: Tensor, method: str = "zca", eps: float = 1e-5, iterations: int = 5) -> Tensor:
-    """The whitening matrix of each covariance in ``cov`` (..., k, k), differentiable.
+# ------------------------------------------------------------------------------------ group layout
+def _grouped(x: Tensor, G: int, g: int) -> Tensor:
+    """``x`` (N, C, *) as ``(N, G, g)`` (2-D input) or ``(N, G, g, L)``, zero channels appended to G*g."""
+    n, c = x.shape[:2]
+    pad = G * g - c
+    if x.dim() == 2:
+        v = F.pad(x, (0, pad)) if pad else x
+        return v.reshape(n, G, g)
+    v = x.reshape(n, c, math.prod(x.shape[2:]))  # explicit sizes: a process may hold no samples
+    if pad:
+        v = F.pad(v, (0, 0, 0, pad))
+    return v.reshape(n, G, g, v.size(-1))
 
-    ``zca``: ``(cov + eps I)^{-1/2}``; ``pca``: ``Lambda^{-1/2} D^T``; ``newton``: ``iterations`` steps of
-    the IterNorm iteration. See the module docstring for the formulas and the backward.
+
+def _ungrouped(v: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`_grouped`: ``(N, G, g[, L])`` back to ``shape`` (padding dropped)."""
+    n, c = shape[0], shape[1]
+    v = v.reshape(n, v.size(1) * v.size(2)) if v.dim() == 3 else v.reshape(n, v.size(1) * v.size(2), v.size(-1))
+    if v.size(1) != c:
+        v = v[:, :c]
+    return v.reshape(shape)
+
+
+def _sample_dims(v: Tensor) -> tuple[int, ...]:
+    return (0,) if v.dim() == 3 else (0, 3)
+
+
+def _expand(t: Tensor, v: Tensor) -> Tensor:
+    """A per-group vector ``(G, g)`` shaped to broadcast against the grouped layout ``v``."""
+    return t if v.dim() == 3 else t.unsqueeze(-1)
+
+
+def _gram(a: Tensor, b: Tensor) -> Tensor:
+    """Per group, the sum over samples of ``a b^T``: ``(G, g, g)``."""
+    if a.dim() == 3:
+        return torch.einsum("ngi,ngj->gij", a, b)
+    # Batched over (sample, group) with the spatial axis as the inner dimension, then summed over N:
+    # no permuted copy of the data.
+    return torch.matmul(a, b.transpose(-1, -2)).sum(0)
+
+
+def _apply(M: Tensor, v: Tensor) -> Tensor:
+    """Per group, ``M_k @ v_k`` for ``M`` (G, g, g) and the grouped layout ``v``; same layout out."""
+    if v.dim() == 3:
+        return torch.einsum("gij,ngj->ngi", M, v)
+    return torch.matmul(M, v)
+
+
+# The training step keeps the centred input Xc in a sample-major buffer, so that each group of each
+# sample is a row-major (samples x g) matrix Xc^T: BLAS is several times faster on such operands
+# (Xc Xc^T as a product of transposed row-major matrices, dL/dy Xc^T as a plain product) than on
+# channel-major ones.
+# - 2-D input: (N, G, g + 1), with a column of ones appended to each group, which folds the
+#   per-channel constants into the GEMMs: [A | b] [Xc; 1] is the whitening with its bias, and
+#   dL/dy [Xc^T, 1] gives dL/dy Xc^T and the sum of dL/dy in one product.
+# - Spatial input: (N, G, L, g), one (L x g) matrix per sample and group; the products are batched
+#   over samples and groups and read the input and its gradient in place, in their (N, C, L) layout.
+#   No ones column here: its strided fill costs more than the separate sum and the bias term of
+#   baddbmm, and a row of g + 1 floats misaligns every row of the GEMMs.
+def _centred(xv: Tensor, mean: Tensor) -> Tensor:
+    """The sample-major buffer of the grouped input ``xv`` (N, G, g[, L]) minus its ``mean`` (G, g)."""
+    n, G, g = xv.shape[:3]
+    if xv.dim() == 3:
+        xa = xv.new_empty((n, G, g + 1))
+        xa[..., g].fill_(1.0)  # a fill, not an indexed assignment: the strided copy of a scalar is slow
+        torch.sub(xv, mean, out=xa[..., :g])
+        return xa
+    xa = xv.new_empty((n, G, xv.size(3), g))
+    torch.sub(xv, mean.unsqueeze(-1), out=xa.mT)
+    return xa
+
+
+def _per_sample(M: Tensor, n: int) -> Tensor:
+    """``M`` (G, ...) repeated for each of ``n`` samples, as a batch (n * G, ...)."""
+    return M.expand(n, *M.shape).reshape(n * M.size(0), *M.shape[1:])
+
+
+def _scatter(xa: Tensor, g: int) -> Tensor:
+    """Per group, ``sum Xc Xc^T`` over the samples: (G, g, g)."""
+    if xa.dim() == 3:
+        rows = xa.transpose(0, 1)[..., :g]
+        return torch.bmm(rows.mT, rows)
+    flat = xa.flatten(0, 1)
+    return torch.bmm(flat.mT, flat).unflatten(0, xa.shape[:2]).sum(0)
+
+
+def _affine(M: Tensor, b: Tensor, xa: Tensor, out: Tensor | None = None) -> Tensor:
+    """Per group, ``M_k Xc + b_k`` for ``M`` (G, g, g) and ``b`` (G, g), in the grouped layout (N, G, g[, L]).
+
+    For 2-D input the GEMM is group-major and the result a transposed view of it (a GEMM writing each
+    group's block into the (N, C) result in place is several times slower than one contiguous GEMM and
+    a transposing copy). For spatial input the GEMM writes into ``out`` (N * G, g, L) when given."""
+    if xa.dim() == 3:
+        return torch.bmm(xa.transpose(0, 1), torch.cat([M, b.unsqueeze(-1)], -1).mT).transpose(0, 1)
+    n = xa.size(0)
+    args = (_per_sample(b.unsqueeze(-1), n), _per_sample(M, n), xa.flatten(0, 1).mT)
+    out = torch.baddbmm(*args) if out is None else torch.baddbmm(*args, out=out)
+    return out.unflatten(0, xa.shape[:2])
+
+
+def _grad_products(gv: Tensor, xa: Tensor) -> tuple[Tensor, Tensor]:
+    """Per group, ``sum dL/dy Xc^T`` (G, g, g) and ``sum dL/dy`` (G, g), for ``gv`` in the grouped layout."""
+    n, G, g = gv.shape[:3]
+    if gv.dim() == 3:
+        Pa = torch.bmm(gv.transpose(0, 1).mT, xa.transpose(0, 1))
+        return Pa[..., :g], Pa[..., g]
+    P = torch.bmm(gv.reshape(n * G, g, -1), xa.flatten(0, 1)).unflatten(0, (n, G)).sum(0)
+    return P, gv.sum((0, 3))
+
+
+def _input_grad(M: Tensor, b: Tensor, At: Tensor, gv: Tensor, xa: Tensor) -> Tensor:
+    """Per group, ``M_k Xc + b_k + At_k dL/dy`` in the grouped layout (N, G, g[, L])."""
+    out = _affine(M, b, xa)
+    # Accumulated into the contiguous GEMM result that _affine's output is a view of.
+    if gv.dim() == 3:
+        out.transpose(0, 1).baddbmm_(gv.transpose(0, 1), At.mT)
+    else:
+        out.flatten(0, 1).baddbmm_(_per_sample(At, gv.size(0)), gv.flatten(0, 1))
+    return out
+
+
+def _pad_mask(num_features: int, G: int, g: int, like: Tensor) -> Tensor | None:
+    """``(G, g)`` with 1 for real channels and 0 for padding, or ``None`` without padding."""
+    if G * g == num_features:
+        return None
+    mask = torch.zeros(G * g, dtype=like.dtype, device=like.device)
+    mask[:num_features] = 1
+    return mask.view(G, g)
+
+
+def _pad_vector(t: Tensor, G: int, g: int, value: float) -> Tensor:
+    pad = G * g - t.numel()
+    return (F.pad(t, (0, pad), value=value) if pad else t).view(G, g)
+
+
+def _regularized(cov: Tensor, eps: float, mask: Tensor | None, method: str) -> Tensor:
+    """``cov + eps I`` on the real channels, with a padding block that leaves them unaffected.
+
+    The padding block is ``c I`` (no gradient): for newton ``c`` is the trace of the real block, so
+    that ``Sigma_N`` is the identity there and the iterate stays the identity; for zca/pca it is
+    larger than every real eigenvalue, so the padding eigenvectors come last and stay separate.
     """
-    _check_method("whitening_matrix", method, iterations)
-    if cov.dim() < 2 or cov.size(-1) != cov.size(-2):
-        raise ValueError(f"whitening_matrix: expected square matrices (..., k, k), got shape {tuple(cov.shape)}")
-    k = cov.size(-1)
-    flat = cov.reshape(-1, k, k)
-    sigma = flat + eps * torch.eye(k, dtype=cov.dtype, device=cov.device)
-    return _whitening(sigma, method, iterations, None, eps).reshape(cov.shape)
+    eye = torch.eye(cov.size(-1), dtype=cov.dtype, device=cov.device)
+    if mask is None:
+        return cov + eps * eye
+    sigma = cov * (mask.unsqueeze(-1) * mask.unsqueeze(-2)) + torch.diag_embed(eps * mask)
+    with torch.no_grad():
+        trace = (sigma.diagonal(dim1=-2, dim2=-1) * mask).sum(-1, keepdim=True)
+        fill = trace if method == "newton" else 2 * trace  # trace >= eps > 0 bounds every eigenvalue
+    return sigma + torch.diag_embed(fill * (1 - mask))
 
 
-def _check_method(name: str, method: str, iterations: int) -> None:
-    if method not in METHODS:
-        raise ValueError(f"{name}: expected method in {METHODS}, got {method!r}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"{name}: expected iterations to be a positive int, got {iterations!r}")
-
-
-# ------------------------------------------------------------------------------------ training step
-def _dtype(t: Tensor | None) -> torch.dtype | None:
-    return None if t is None else t.dtype
-
-
-class _DBNFunction(torch.autograd.Function):
-    """Training-mode decorrelated batch normalization of one process's batch (see the module docstring)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, G, g, eps, method, iterations):  # noqa: ANN001, ANN205
-        c = x.size(1)
-        xv = _grouped(x.to(stat_dtype(x)), G, g)
-        m = xv.numel() // (G * g)
-        mean = xv.mean(_sample_dims(xv))
-        xa = _centred(xv, mean)
-        cov = _scatter(xa, g) / m
-        mask = _pad_mask(c, G, g, cov)
-        sigma = _regularized(cov, eps, mask, method)
-        if method == "newton":
-            W, saved = _newton_forward(sigma, iterations, mask)
-        else:
-            s, D = _eig(sigma, eps)
-            W = _zca_forward(D, s) if method == "zca" else _pca_forward(D, s)
-            saved = (D, s)
-        gamma = None if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0)
-        A = W if gamma is None else gamma.unsqueeze(-1) * W
-        beta = W.new_zeros(G, g) if bias is None else _pad_vector(bias.to(W.dtype), G, g, 0.0)
-        y = _affine(A, beta, xa)
-        ctx.save_for_backward(xa, W, gamma, *saved)
-        ctx.setup = (x.shape, x.dtype, m, mask, method, iterations, _dtype(weight), _dtype(bias))
-        out = (_ungrouped(y, x.shape).to(x.dtype), mean.reshape(-1)[:c], cov, W)
-        ctx.mark_non_differentiable(*out[1:])
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy, _gm, _gc, _gw):  # noqa: ANN001, ANN205
-        xa, W, gamma, *saved = ctx.saved_tensors
-        shape, dtype, m, mask, method, iterations, w_dtype, b_dtype = ctx.setup
-        G, g = W.shape[:2]
-        c = shape[1]
-        gv = _grouped(gy.to(W.dtype), G, g)
-        P, gsum = _grad_products(gv, xa)
-        g_weight = (P * W).sum(-1).reshape(-1)[:c].to(w_dtype) if ctx.needs_input_grad[1] else None
-        g_bias = gsum.reshape(-1)[:c].to(b_dtype) if ctx.needs_input_grad[2] else None
-        if not ctx.needs_input_grad[0]:
-            return None, g_weight, g_bias, None, None, None, None, None
-        A = W if gamma is None else gamma.unsqueeze(-1) * W
-        gW = P if gamma is None else gamma.unsqueeze(-1) * P
-        if method == "newton":
-            g_sigma = _newton_backward(tuple(saved), gW, mask)
-        else:
-            D, s = saved
-            g_sigma = (_zca_backward if method == "zca" else _pca_backward)(D, s, gW)
-        if mask is not None:
-            g_sigma = g_sigma * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
-        # d/dXc of W Xc and of Xc Xc^T / m; the mean's backward subtracts the mean gradient,
-        # which is A^T mean(dL/dy) because Xc sums to zero: one GEMM over Xc (with that shift), one over dL/dy.
-        shift = -(A.mT @ gsum.unsqueeze(-1)) / m
-        gx = _input_grad((g_sigma + g_sigma.mT) / m, shift.squeeze(-1), A.mT, gv, xa)
-        gx = _ungrouped(gx, shape).to(dtype)
-        return gx, g_weight, g_bias, None, None, None, None, None
-
-
-def _dbn_global(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    G: int,
-    g: int,
-    eps: float,
-    method: str,
-    iterations: int,
-    group: Any | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The training step composed of differentiable ops, with statistics summed over ``group``."""
-    c = x.size(1)
-    sdt = stat_dtype(x)
-    xv = _grouped(x.to(sdt), G, g)
-    # Raw sums of x x^T lose the covariance to cancellation in float32: accumulate in float64.
-    xa = xv.to(accumulation_dtype(sdt, x.device))
-    dims = _sample_dims(xa)
-    count = torch.full((1,), float(xa.numel() // (G * g)), dtype=xa.dtype, device=xa.device)
-    s, ss, count = global_sum([xa.sum(dims), _gram(xa, xa), count], group)
-    count = count.reshape(())
-    check_global_count(count, "DecorrelatedBatchNorm", x)
-    mean = s / count
-    cov = (ss / count - mean.unsqueeze(-1) * mean.unsqueeze(-2)).to(sdt)
-    mean, count = mean.to(sdt), count.to(sdt)
-    mask = _pad_mask(c, G, g, cov)
-    W = _whitening(_regularized(cov, eps, mask, method), method, iterations, mask, eps)
-    A = W if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0).unsqueeze(-1) * W
-    y = _apply(A, xv - _expand(mean, xv))
-    if bias is not None:
-        y = y + _expand(_pad_vector(bias.to(W.dtype), G, g, 0.0), y)
-    return _ungrouped(y, x.shape).to(x.dtype), mean.detach().reshape(-1)[:c], cov.detach(), W.detach(), count
-
-
-def decorrelated_batch_norm(
-    x: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    group_size: int = 16,
-    method: str = "zca",
-    eps: float = 1e-5,
-    iterations: int = 5,
-    group: Any | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Training-mode decorrelated batch normalization of ``x`` (N, C, *).
-
-    Returns ``(y, mean (C,), cov (G, g, g), W (G, g, g), m)``: the output, the batch mean, the biased
-    per-group covariance (without ``eps``), the batch whitening matrices (padding as computed, not as
-    stored) and the sample count. With a process ``group`` the statistics are those of the global batch.
-    """
-    _check_method("decorrelated_batch_norm", method, iterations)
-    G, g = group_layout(x.size(1), group_size)
-    if group is not None:
-        return _dbn_global(x, weight, bias, G, g, eps, method, iterations, group)
-    y, mean, cov, W = _DBNFunction.apply(x, weight, bias, G, g, eps, method, iterations)
-    return y, mean, cov, W, torch.tensor(float(x.numel() // x.size(1)), dtype=cov.dtype, device=x.device)
-
-
-@torch.no_grad()
-def group_covariance(x: Tensor, group_size: int) -> tuple[Tensor, Tensor, int]:
-    """``(mean (C,), biased per-group covariance (G, g, g), m)`` of ``x`` (N, C, *), zero padded."""
-    c = x.size(1)
-    G, g = group_layout(c, group_size)
-    xv = _grouped(x.to(stat_dtype(x)), G, g)
-    m = xv.numel() // (G * g)
-    mean = xv.mean(_sample_dims(xv))
-    xc = xv - _expand(mean, xv)
-    return mean.reshape(-1)[:c], _gram(xc, xc) / m, m
-
-
-# ------------------------------------------------------------------------------------ module
-class GroupedMoments(Moments):
-    """:class:`~normlab.base.Moments` whose ``var`` is per-group covariances ``(G, g, g)`` (zero padding).
-
-    The groups cover consecutive channels; the last may be padded at its end (a group smaller than
-    the others), the padding being zero.
-    """
-
-    __slots__ = ()
-
-    def _blocks(self, delta: Tensor) -> Tensor:
-        """``delta`` laid out as the rows of the covariance blocks, ``(G, g)`` (zero padding)."""
-        var = self.var
-        g, c = var.shape[-1], delta.numel()
-        slots = var.numel() // g
-        if var.dim() < 2 or var.shape[-1] != var.shape[-2] or not c <= slots < c + g:
-            raise ValueError(
-                f"exact pooling: expected square covariance blocks (..., g, g) covering the {c} mean entries, "
-                f"got shape {tuple(var.shape)}"
-            )
-        flat = delta.reshape(-1)
-        if slots > c:
-            flat = torch.cat([flat, flat.new_zeros(slots - c)])
-        return flat.reshape(var.shape[:-1])
-
-    def outer(self, delta: Tensor) -> Tensor:
-        """``delta delta^T`` per covariance block."""
-        d = self._blocks(delta)
-        return d.unsqueeze(-1) * d.unsqueeze(-2)
-
-    def marginal_var(self) -> Tensor:
-        """The per-channel variances: the blocks' diagonals, without the padding."""
-        self._blocks(self.mean)  # validates the layout
-        return torch.diagonal(self.var, dim1=-2, dim2=-1).reshape(-1)[: self.mean.numel()]
-
-
-class DecorrelatedBatchNorm(NormBase):
-    """Decorrelated Batch Normalization over inputs ``(N, C, *)`` (Huang et al. 2018); see the module docstring.
-
-    Args:
-        num_features: ``C``.
-        group_size: channels whitened together (the last group is smaller when ``C`` is not a multiple;
-            ``group_size >= C`` whitens all channels together; 1 is batch normalization).
-        method: ``"zca"`` (the paper's DBN), ``"pca"`` (for comparison only, see the module docstring) or
-            ``"newton"`` (IterNorm's iterative whitening).
-        eps: added to the covariance diagonal (must be > 0: a rank-deficient covariance has no inverse
-            square root).
-        momentum: rate of the running mean, variance and whitening matrix; ``None`` for a cumulative average.
-        affine: learnable per-channel ``gamma``/``beta`` after the whitening.
-        track_running_stats: keep running statistics and use them in eval.
-        iterations: Newton steps ``T`` for ``method="newton"``.
-
-    Buffers: ``running_mean`` (C,) and ``running_var`` (C,) with BatchNorm's meaning, ``running_whitening``
-    (G, g, g) (layout in the module docstring) and ``num_batches_tracked``. Eval uses ``running_mean``
-    and ``running_whitening`` only; with ``group_size=1`` training is exactly BatchNorm, while eval
-    averages ``1/sqrt(var_B + eps)`` (the paper's running whitening matrix) where BatchNorm averages
-    ``var_B``. Converting a BatchNorm layer (``normlab.convert(model, "dbn")``) starts the running
-    whitening matrix at ``diag(1/sqrt(running_var + eps))``, so the converted model's eval output is
-    the original one until it trains.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        group_size: int = 16,
-        method: str = "zca",
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        iterations: int = 5,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        name = type(self).__name__
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"{name}: expected group_size to be a positive int, got {group_size!r}")
-        _check_method(name, method, iterations)
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"{name}: expected eps > 0 (whitening needs a positive definite covariance), got {eps!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.group_size = group_size
-        self.method = method
-        self.iterations = iterations
-        self.num_groups, self.padded_group_size = group_layout(num_features, group_size)
-        if track_running_stats:
-            sdt = buffer_dtype(dtype)
-            self.register_buffer("running_whitening", self._identity(device, sdt))
-        else:
-            self.register_buffer("running_whitening", None)
-
-    def _identity(self, device: torch.device | str | None, dtype: torch.dtype | None) -> Tensor:
-        G, g = self.num_groups, self.padded_group_size
-        return torch.eye(g, device=device, dtype=dtype).repeat(G, 1, 1)
-
-    def _float32_buffers(self) -> tuple[str, ...]:
-        return (*super()._float32_buffers(), "running_whitening")
-
-    def reset_running_stats(self) -> None:
-        """Reset as BatchNorm does, and the running whitening matrix to the identity."""
-        super().reset_running_stats()
-        buf = getattr(self, "running_whitening", None)
-        if buf is not None:
-            buf.copy_(self._identity(buf.device, buf.dtype))
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, group_size={self.group_size}, method={self.method!r}, "
-            f"iterations={self.iterations}"
-        )
-
-    def _diagonal_whitening(self, running_var: Tensor) -> Tensor:
-        """The running whitening matrix of a channel-wise layer: ``diag(1/sqrt(running_var + eps))``."""
-        inv = torch.rsqrt(running_var.to(self.running_whitening.dtype) + self.eps)
-        return torch.diag_embed(_pad_vector(inv, self.num_groups, self.padded_group_size, 1.0))
-
-    def adopt(self, source: nn.Module, copied: list[str]) -> None:
-        """From a channel-wise layer: a diagonal whitening matrix, so eval is what it was before."""
-        if self.track_running_stats and "running_var" in copied and "running_whitening" not in copied:
-            with torch.no_grad():
-                self.running_whitening.copy_(self._diagonal_whitening(self.running_var))
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # noqa: ANN001 - torch's signature
-        key, var = prefix + "running_whitening", state_dict.get(prefix + "running_var")
-        if (
-            self.track_running_stats
-            and key not in state_dict
-            and isinstance(var, Tensor)
-            and var.shape == (self.num_features,)
-        ):
-            # A BatchNorm checkpoint: its eval map, as a diagonal whitening matrix.
-            state_dict[key] = self._diagonal_whitening(var.to(self.running_whitening.device))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    def _mask(self, like: Tensor) -> Tensor | None:
-        return _pad_mask(self.num_features, self.num_groups, self.padded_group_size, like)
-
-    # ----------------------------------------------------------------------------- forward
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        if not self.use_batch_stats():
-            A, b = self._grouped_affine(torch.promote_types(stat_dtype(x), self.running_whitening.dtype))
-            xv = _grouped(x.to(A.dtype), self.num_groups, self.padded_group_size)
-            y = _apply(A, xv).add_(_expand(b, xv))
-            return _ungrouped(y, x.shape).to(x.dtype)
-        y, mean, cov, W, count = decorrelated_batch_norm(
-            x, self.weight, self.bias, self.group_size, self.method, self.eps, self.iterations, self.sync_group()
-        )
-        if self.updates_running_stats():
-            self._update(mean, cov, W, count)
-        return y
-
-    @torch.no_grad()
-    def _update(self, mean: Tensor, cov: Tensor, W: Tensor, count: Tensor | float) -> None:
-        factor = self.step_factor()
-        c = self.num_features
-        var = cov.diagonal(dim1=-2, dim2=-1).reshape(-1)[:c]
-        ema(self.running_mean, mean, factor)
-        ema(self.running_var, var * (count / (count - 1)), factor)
-        ema(self.running_whitening, _stored(W, self._mask(W)), factor)
-
-    def _grouped_affine(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Eval map per group: ``A = diag(gamma) W_run`` (G, g, g) and ``b = beta - A mu_run`` (G, g).
-
-        Differentiable in ``gamma`` and ``beta``: a frozen layer (running statistics in training)
-        still trains its affine."""
-        G, g = self.num_groups, self.padded_group_size
-        W = self.running_whitening.to(dtype)
-        A = W if self.weight is None else _pad_vector(self.weight.to(dtype), G, g, 1.0).unsqueeze(-1) * W
-        mu = _pad_vector(self.running_mean.to(dtype), G, g, 0.0)
-        b = -(A @ mu.unsqueeze(-1)).squeeze(-1)
-        if self.bias is not None:
-            b = b + _pad_vector(self.bias.to(dtype), G, g, 0.0)
-        return A, b
-
-    # ----------------------------------------------------------------------------- statistics interface
-    @torch.no_grad()
-    def moments(self, x: Tensor) -> Moments:
-        """Batch mean (C,) and biased per-group covariance (G, g, g) (zero padding) of ``x``."""
-        self.check_input(x)
-        mean, cov, m = group_covariance(x, self.group_size)
-        return GroupedMoments(m, mean, cov)
-
-    @torch.no_grad()
-    def load_statistics(self, mean: Tensor, var: Tensor) -> None:
-        """Set the running statistics from a population mean (C,) and *unbiased* covariance (G, g, g).
-
-        ``running_whitening`` becomes the whitening matrix of ``var + eps I`` by this layer's method:
-        an eigendecomposition for zca/pca, ``iterations`` Newton steps for newton. ``running_var``
-        becomes the covariance diagonal. Padding entries of ``var`` are ignored.
-        """
-        name = type(self).__name__
-        if not self.track_running_stats:
-            raise ValueError(f"{name}: has no running statistics (track_running_stats=False)")
-        G, g, c = self.num_groups, self.padded_group_size, self.num_features
-        if tuple(mean.shape) != (c,):
-            raise ValueError(f"{name}: expected a mean of shape ({c},), got {tuple(mean.shape)}")
-        if tuple(var.shape) != (G, g, g):
-            raise ValueError(
-                f"{name}: expected a per-group covariance of shape ({G}, {g}, {g}), got {tuple(var.shape)}"
-            )
-        cov = var.to(self.running_whitening.device, torch.float64 if var.dtype == torch.float64 else torch.float32)
-        if not (bool(torch.isfinite(cov).all()) and bool(torch.isfinite(mean).all())):
-            raise ValueError(f"{name}: expected a finite mean and covariance, got non-finite values")
-        if not torch.allclose(cov, cov.mT, rtol=1e-4, atol=1e-6 * float(cov.abs().max().clamp_min(1))):
-            raise ValueError(f"{name}: expected symmetric per-group covariances, got a non-symmetric one")
-        mask = self._mask(cov)
-        W = _whitening(_regularized(cov, self.eps, mask, self.method), self.method, self.iterations, mask, self.eps)
-        if not bool(torch.isfinite(W).all()):
-            raise ValueError(f"{name}: the covariance gives a non-finite whitening matrix (is it symmetric PSD?)")
-        self.running_mean.copy_(mean)
-        self.running_var.copy_(cov.diagonal(dim1=-2, dim2=-1).reshape(-1)[:c])
-        self.running_whitening.copy_(_stored(W, mask))
-
-    @torch.no_grad()
-    def inference_affine(self) -> tuple[Tensor, Tensor]:
-        """``(A, b)`` with eval output ``y = A x + b`` along channels: ``A`` dense block-diagonal (C, C)."""
-        if not self.track_running_stats:
-            raise ValueError(f"{type(self).__name__}: has no running statistics (track_running_stats=False)")
-        # float32 at least, as the channel-wise layers return it; float64 for float64 layers.
-        A, b = self._grouped_affine(torch.promote_types(self.running_whitening.dtype, torch.float32))
-        G, g, c = self.num_groups, self.padded_group_size, self.num_features
-        dense = A.new_zeros(G, g, G, g)
-        idx = torch.arange(G, device=A.device)
-        dense[idx, :, idx, :] = A
-        return dense.reshape(G * g, G * g)[:c, :c].contiguous(), b.reshape(-1)[:c].contiguous()
+def _stored(W: Tensor, mask: Tensor | None) -> Tensor:
+    """``W`` with its padding block replaced by the identity (the storage layout)."""
+    if mask is None:
+        return W
+    return W * (mask.unsqueeze(-1) * mask.unsqueeze(-2)) + torch.diag_embed(1 - mask)

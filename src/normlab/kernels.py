@@ -33,6 +33,7 @@ __all__ = [
     "channel_shape",
     "channel_affine",
     "ema",
+    "running_update",
 ]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -263,3 +264,22 @@ def ema(running: Tensor, value: Tensor, factor: Tensor | float) -> None:
     if isinstance(factor, Tensor):
         factor = factor.to(running.dtype)
     running.lerp_(value, factor)
+
+
+@torch.no_grad()
+def running_update(
+    running_mean: Tensor,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor | float,
+    factor: Tensor | float,
+) -> None:
+    """BatchNorm's update: ``running_mean`` towards ``mean``, ``running_var`` towards the unbiased variance.
+
+    ``var`` is the biased batch variance over ``count`` samples (``m``), so the unbiased one is
+    ``var * m / (m - 1)``; ``running_var`` may be ``None``.
+    """
+    ema(running_mean, mean, factor)
+    if running_var is not None:
+        ema(running_var, var * (count / (count - 1)), factor)
