@@ -93,6 +93,8 @@ def _eager_function(
             outputs = forward(x, weight, bias, *rest)
             setup(ctx, x, weight, bias, rest, outputs)
             ctx.mark_non_differentiable(*outputs[1:])
+            # No zero gradients for the aux outputs: some (what a backward reads) are the input's size.
+            ctx.set_materialize_grads(False)
             return outputs
 
         @staticmethod
