@@ -99,6 +99,8 @@ def _eager_function(
 
         @staticmethod
         def backward(ctx, grad_y, *_):  # noqa: ANN001, ANN205
+            if grad_y is None:  # no gradient reaches y (gradcheck tests this): none leaves
+                return None, None, None, None
             if torch.is_grad_enabled():  # create_graph=True: this backward has no derivative of its own
                 return backward_once(ctx, grad_y)
             return (*backward(ctx, grad_y), None)
