@@ -158,12 +158,12 @@ def test_gradcheck(method, shape, group_size):
 def test_synchronized_path_matches_in_one_process(method, shape, group_size):
     # The path taken under a process group (sums of x and x x^T, then autograd), with the identity
     # as the reduction: the same outputs, statistics and gradients as the fused single-process step.
-    from normlab.decorrelated import _dbn_global, group_layout
+    from normlab.decorrelated import _batch_step, group_layout
 
     x, w, b = inputs(shape, seed=12)
     G, g = group_layout(shape[1], group_size)
     fused = dbn_step(x, w, b, group_size, method, 1e-3)
-    composed = _dbn_global(x, w, b, G, g, 1e-3, method, 5, None)
+    composed = _batch_step(x, w, b, G, g, 1e-3, method, 5, None, composed=True)
     for a, e in zip(composed[:4], fused[:4]):
         torch.testing.assert_close(a, e)
     assert float(composed[4]) == float(fused[4])
@@ -172,7 +172,7 @@ def test_synchronized_path_matches_in_one_process(method, shape, group_size):
         torch.testing.assert_close(a, e)
     # An empty local batch reaches the global sample-count check (here, alone, it fails it).
     with pytest.raises(ValueError, match="DecorrelatedBatchNorm.*process group"):
-        _dbn_global(x.detach()[:0], w, b, G, g, 1e-3, method, 5, None)
+        _batch_step(x.detach()[:0], w, b, G, g, 1e-3, method, 5, None, composed=True)
 
 
 @pytest.mark.parametrize("iterations", [1, 2, 7])

@@ -268,6 +268,8 @@ class NormBase(ToolState, nn.Module):
     """
 
     _version = 2  # same state-dict version as torch's BatchNorm (num_batches_tracked present)
+    #: Whether the layer keeps a ``running_var`` (a variant that never uses a variance sets it False).
+    _keeps_running_var = True
 
     def __init__(
         self,
@@ -297,7 +299,8 @@ class NormBase(ToolState, nn.Module):
         if track_running_stats:
             sdt = buffer_dtype(dtype)
             self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=sdt))
-            self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=sdt))
+            running_var = torch.ones(num_features, device=device, dtype=sdt) if self._keeps_running_var else None
+            self.register_buffer("running_var", running_var)
             self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         else:
             self.register_buffer("running_mean", None)
@@ -345,10 +348,11 @@ class NormBase(ToolState, nn.Module):
 
     # ----------------------------------------------------------------------------- state
     def reset_running_stats(self) -> None:
-        """Zero the running mean, set the running variance to one and the step counter to zero."""
+        """Zero the running mean, set the running variance (if kept) to one and the step counter to zero."""
         if self.track_running_stats:
             self.running_mean.zero_()
-            self.running_var.fill_(1)
+            if self.running_var is not None:
+                self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:

@@ -455,17 +455,38 @@ def _batch_step(
     method: str,
     iterations: int,
     group: Any | None,
+    composed: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean (C,), cov (G, g, g), W (G, g, g), m)`` of one training step (no running update).
 
     ``cov`` is the biased per-group covariance without ``eps`` and ``W`` the batch whitening matrices
-    (padding as computed, not as stored). Locally the fused step below; over a process group the
-    same maths composed of differentiable ops on the global statistics (:func:`_dbn_global`).
+    (padding as computed, not as stored). Locally the fused step below; over a process group (or
+    with ``composed``) the same maths composed of differentiable ops on the statistics summed over
+    the group, so that autograd gives the gradient of the whole batch.
     """
-    if group is not None:
-        return _dbn_global(x, weight, bias, G, g, eps, method, iterations, group)
-    y, mean, cov, W = _STEP(x, weight, bias, G, g, eps, method, iterations)[:4]
-    return y, mean, cov, W, torch.tensor(float(x.numel() // x.size(1)), dtype=cov.dtype, device=x.device)
+    if group is None and not composed:
+        y, mean, cov, W = _STEP(x, weight, bias, G, g, eps, method, iterations)[:4]
+        return y, mean, cov, W, torch.tensor(float(x.numel() // x.size(1)), dtype=cov.dtype, device=x.device)
+    c = x.size(1)
+    sdt = stat_dtype(x)
+    xv = _grouped(x.to(sdt), G, g)
+    # Raw sums of x x^T lose the covariance to cancellation in float32: accumulate in float64.
+    xa = xv.to(accumulation_dtype(sdt, x.device))
+    dims = _sample_dims(xa)
+    count = torch.full((1,), float(xa.numel() // (G * g)), dtype=xa.dtype, device=xa.device)
+    s, ss, count = global_sum([xa.sum(dims), _gram(xa, xa), count], group)
+    count = count.reshape(())
+    check_global_count(count, "DecorrelatedBatchNorm", x)
+    mean = s / count
+    cov = (ss / count - mean.unsqueeze(-1) * mean.unsqueeze(-2)).to(sdt)
+    mean, count = mean.to(sdt), count.to(sdt)
+    mask = _pad_mask(c, G, g, cov)
+    W = _whitening(_regularized(cov, eps, mask, method), method, iterations, mask, eps)
+    A = W if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0).unsqueeze(-1) * W
+    y = _apply(A, xv - _expand(mean, xv))
+    if bias is not None:
+        y = y + _expand(_pad_vector(bias.to(W.dtype), G, g, 0.0), y)
+    return _ungrouped(y, x.shape).to(x.dtype), mean.detach().reshape(-1)[:c], cov.detach(), W.detach(), count
 
 
 @torch.no_grad()
@@ -590,40 +611,6 @@ def _dtype(t: Tensor | None) -> torch.dtype | None:
 def _fresh(y: Tensor) -> Tensor:
     """``y`` as a tensor of its own: a step's output must not be a view (in-place ops on it would fail)."""
     return y if y._base is None else y.clone(memory_format=torch.contiguous_format)
-
-
-def _dbn_global(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    G: int,
-    g: int,
-    eps: float,
-    method: str,
-    iterations: int,
-    group: Any | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The training step composed of differentiable ops, with statistics summed over ``group``."""
-    c = x.size(1)
-    sdt = stat_dtype(x)
-    xv = _grouped(x.to(sdt), G, g)
-    # Raw sums of x x^T lose the covariance to cancellation in float32: accumulate in float64.
-    xa = xv.to(accumulation_dtype(sdt, x.device))
-    dims = _sample_dims(xa)
-    count = torch.full((1,), float(xa.numel() // (G * g)), dtype=xa.dtype, device=xa.device)
-    s, ss, count = global_sum([xa.sum(dims), _gram(xa, xa), count], group)
-    count = count.reshape(())
-    check_global_count(count, "DecorrelatedBatchNorm", x)
-    mean = s / count
-    cov = (ss / count - mean.unsqueeze(-1) * mean.unsqueeze(-2)).to(sdt)
-    mean, count = mean.to(sdt), count.to(sdt)
-    mask = _pad_mask(c, G, g, cov)
-    W = _whitening(_regularized(cov, eps, mask, method), method, iterations, mask, eps)
-    A = W if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0).unsqueeze(-1) * W
-    y = _apply(A, xv - _expand(mean, xv))
-    if bias is not None:
-        y = y + _expand(_pad_vector(bias.to(W.dtype), G, g, 0.0), y)
-    return _ungrouped(y, x.shape).to(x.dtype), mean.detach().reshape(-1)[:c], cov.detach(), W.detach(), count
 
 
 def _check_method(name: str, method: str, iterations: int) -> None:

@@ -55,25 +55,8 @@ class MeanOnlyBatchNorm(NormBase):
         track_running_stats: keep a running mean for eval; without it eval uses the batch mean.
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        # The layer has no variance to keep (see the module docstring).
-        self.register_buffer("running_var", None)
-
-    def reset_running_stats(self) -> None:
-        """Zero the running mean and the step counter."""
-        if self.track_running_stats and self.running_mean is not None:
-            self.running_mean.zero_()
-            self.num_batches_tracked.zero_()
+    # The layer has no variance to keep (see the module docstring).
+    _keeps_running_var = False
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

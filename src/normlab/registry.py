@@ -198,29 +198,6 @@ def _named_targets(model: nn.Module, types: tuple[type, ...]) -> Iterable[tuple[
     yield from walk(model, "")
 
 
-def _source_types(source: str | Sequence[str] | None) -> tuple[type, ...]:
-    if source is None:
-        chosen = [k for k in _REGISTRY.values() if k.source_by_default]
-    else:
-        chosen = [_lookup(s) for s in ([source] if isinstance(source, str) else source)]
-    types: tuple[type, ...] = ()
-    for k in chosen:
-        types += k.types
-    return types
-
-
-def _named_targets(model: nn.Module, types: tuple[type, ...]) -> Iterable[tuple[str, nn.Module]]:
-    # A matched layer's own children are not visited: it is replaced as a whole.
-    def walk(module: nn.Module, prefix: str) -> Iterable[tuple[str, nn.Module]]:
-        if isinstance(module, types):
-            yield prefix, module
-            return
-        for name, child in module.named_children():
-            yield from walk(child, f"{prefix}.{name}" if prefix else name)
-
-    yield from walk(model, "")
-
-
 def convert(
     model: nn.Module,
     to: str,
