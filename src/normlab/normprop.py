@@ -61,20 +61,6 @@ RELU_MEAN = math.sqrt(1.0 / (2.0 * math.pi))
 RELU_STD = math.sqrt(0.5 * (1.0 - 1.0 / math.pi))
 
 
-def _check_factor(name: str, factor: float) -> float:
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (factor > 0 and math.isfinite(factor)):
-        raise ValueError(f"{name}: expected factor to be a finite number > 0, got {factor!r}")
-    return float(factor)
-
-
-def _check_positive(name: str, what: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected {what} to be a positive int, got {value!r}")
-
-
-M = TypeVar("M", nn.Linear, nn.Conv2d)
-
-
 class _NormPropParametric(nn.Module):
     """Shared parameters of the NormProp linear and convolution layers: ``weight``, ``gain``, ``bias``."""
 
@@ -334,3 +320,18 @@ class Standardize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"features={self.mean.numel()}, dim={self.dim}"
+
+
+# ----------------------------------------------------------------------------------- checks
+def _check_factor(name: str, factor: float) -> float:
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (factor > 0 and math.isfinite(factor)):
+        raise ValueError(f"{name}: expected factor to be a finite number > 0, got {factor!r}")
+    return float(factor)
+
+
+def _check_positive(name: str, what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected {what} to be a positive int, got {value!r}")
+
+
+M = TypeVar("M", nn.Linear, nn.Conv2d)

@@ -55,88 +55,6 @@ __all__ = [
 ]
 
 
-def _reduce_dims(ndim: int, dim: int | None) -> list[int]:
-    return list(range(ndim)) if dim is None else [d for d in range(ndim) if d != dim]
-
-
-def norm_except_dim(v: Tensor, dim: int | None) -> Tensor:
-    """The 2-norm of ``v`` over every dimension but ``dim`` (all of them for ``None``), kept as size 1.
-
-    Same shape as torch's ``norm_except_dim``: ``(out, 1, 1, 1)`` for a conv weight and ``dim=0``,
-    a 0-d tensor for ``dim=None``.
-    """
-    if dim is None:
-        return torch.linalg.vector_norm(v)
-    dims = _reduce_dims(v.dim(), dim)
-    return torch.linalg.vector_norm(v, dim=dims, keepdim=True) if dims else v.abs()
-
-
-class _NormalizedWeight(torch.autograd.Function):
-    """``w = g * v / n`` with ``n = max(||v||, eps)``, with the backward written out.
-
-    With ``G = dL/dw``, ``a = g / n`` and ``d = <G, v>`` per unit::
-
-        dL/dg = d / n
-        dL/dv = a * G - (a * d / n^2) * v        (the second term vanishes where ||v|| < eps)
-
-    Three passes over the weight instead of autograd's seven (the norm's backward alone is four).
-    For ``dim=0`` on the CPU it runs torch's fused weight-norm kernels instead.
-    """
-
-    @staticmethod
-    def forward(ctx, v, g, dim, eps):  # noqa: ANN001, ANN205
-        ctx.dim = dim
-        ctx.native = (
-            dim == 0 and v.dim() > 1 and v.device.type == "cpu" and g.shape == (v.shape[0],) + (1,) * (v.dim() - 1)
-        )
-        if ctx.native:
-            # torch's fused kernels (one pass each way), unless a norm is below eps; the check
-            # is free on the CPU (on accelerators it would synchronize, so they take the general path).
-            w, norm = torch._weight_norm_interface(v, g, 0)
-            if not bool((norm < eps).any()):
-                ctx.save_for_backward(v, g, norm)
-                return w
-            ctx.native = False
-        norm = norm_except_dim(v, dim)
-        n = norm.clamp_min(eps)
-        scale = g / n
-        ctx.save_for_backward(v, g, n, norm >= eps)
-        return v * scale
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_w):  # noqa: ANN001, ANN205
-        if ctx.native:
-            v, g, norm = ctx.saved_tensors
-            grad_v, grad_g = torch.ops.aten._weight_norm_interface_backward(grad_w.contiguous(), v, g, norm, 0)
-            return grad_v, grad_g, None, None
-        v, g, n, live = ctx.saved_tensors
-        dims = _reduce_dims(v.dim(), ctx.dim)
-        # Per-unit <G, v> (a 1-D weight with dim=0 has one element per unit: nothing to sum).
-        dot = (grad_w * v).sum(dims, keepdim=ctx.dim is not None) if dims else grad_w * v
-        a = g / n
-        grad_g = grad_v = None
-        if ctx.needs_input_grad[1]:
-            grad_g = _sum_to(dot / n, g.shape)
-        if ctx.needs_input_grad[0]:
-            b = torch.where(live, -a * dot / (n * n), 0)
-            grad_v = torch.addcmul(grad_w * a, v, b)
-        return grad_v, grad_g, None, None
-
-
-def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
-    # g may broadcast to the norm's shape (e.g. a scalar gain); reduce the gradient back to it.
-    return t.sum_to_size(shape) if t.shape != shape else t
-
-
-def normalized_weight(v: Tensor, g: Tensor, dim: int | None, eps: float = 1e-12) -> Tensor:
-    """``g * v / max(||v||, eps)`` with the norm over every dimension but ``dim``.
-
-    ``g`` has the shape of :func:`norm_except_dim` (or any shape broadcasting to it).
-    """
-    return _NormalizedWeight.apply(v, g, dim, eps)
-
-
 class WeightNorm(nn.Module):
     """The parametrization ``(g, v) -> g * v / ||v||`` (or ``exp(c * s) * v / ||v||``).
 
@@ -169,29 +87,6 @@ class WeightNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, log_gain_factor={self.log_gain_factor}, eps={self.eps}"
-
-
-def _wn_parametrization(module: nn.Module, name: str) -> nn.Module | None:
-    """The weight-norm parametrization of ``module.<name>`` (normlab's or torch's), or ``None``."""
-    if not parametrize.is_parametrized(module, name):
-        return None
-    plist = module.parametrizations[name]
-    if len(plist) != 1:
-        return None
-    p = plist[0]
-    if isinstance(p, WeightNorm) or type(p).__name__ == "_WeightNorm":
-        return p
-    return None
-
-
-def _param_dim(p: nn.Module) -> int | None:
-    # torch's _WeightNorm stores dim=None as -1.
-    dim = getattr(p, "dim", 0)
-    return None if dim is None or dim == -1 else dim
-
-
-def _gain(p: nn.Module, g: Tensor) -> Tensor:
-    return p.gain(g) if isinstance(p, WeightNorm) else g
 
 
 def is_weight_normalized(module: nn.Module, name: str = "weight") -> bool:
@@ -262,39 +157,7 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
     return module
 
 
-def _weight_normalized(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
-    for qualname, module in model.named_modules():
-        p = _wn_parametrization(module, "weight")
-        if p is not None:
-            yield qualname, module, p
-
-
 # ----------------------------------------------------------------------------------- initialization
-def _unit_axis(module: nn.Module, p: nn.Module, out: Tensor) -> int:
-    """The axis of ``out`` that indexes the output units of ``module``'s normalized weight."""
-    dim = _param_dim(p)
-    name = type(module).__name__
-    if isinstance(module, nn.Linear):
-        if dim == 0:
-            return out.dim() - 1
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        batched = out.dim() == module.weight.dim()
-        axis = 1 if batched else 0
-        if not module.transposed and dim == 0:
-            return axis
-        if module.transposed and dim == 1 and module.groups == 1:
-            return axis
-    else:
-        raise ValueError(
-            f"init_weight_norm: expected weight-normalized nn.Linear / nn.ConvNd / nn.ConvTransposeNd layers, "
-            f"got {name}"
-        )
-    raise ValueError(
-        f"init_weight_norm: {name} is weight-normalized with dim={dim}, expected one gain per output unit "
-        "(dim=0 for Linear/Conv, dim=1 for ConvTranspose with groups=1)"
-    )
-
-
 @torch.no_grad()
 def init_weight_norm(model: nn.Module, batch: Any, eps: float = 1e-6, *, forward: Forward | None = None) -> list[str]:
     """Data-dependent initialization of every weight-normalized layer of ``model`` (section 2.2).
@@ -415,3 +278,142 @@ def clip_weight_norm_(model: nn.Module, max_norm: float | None = None, min_norm:
         v.mul_(factor.to(v.dtype))
         rescaled += int(change.sum())
     return rescaled
+
+
+# ----------------------------------------------------------------------------------- functional core
+def normalized_weight(v: Tensor, g: Tensor, dim: int | None, eps: float = 1e-12) -> Tensor:
+    """``g * v / max(||v||, eps)`` with the norm over every dimension but ``dim``.
+
+    ``g`` has the shape of :func:`norm_except_dim` (or any shape broadcasting to it).
+    """
+    return _NormalizedWeight.apply(v, g, dim, eps)
+
+
+def norm_except_dim(v: Tensor, dim: int | None) -> Tensor:
+    """The 2-norm of ``v`` over every dimension but ``dim`` (all of them for ``None``), kept as size 1.
+
+    Same shape as torch's ``norm_except_dim``: ``(out, 1, 1, 1)`` for a conv weight and ``dim=0``,
+    a 0-d tensor for ``dim=None``.
+    """
+    if dim is None:
+        return torch.linalg.vector_norm(v)
+    dims = _reduce_dims(v.dim(), dim)
+    return torch.linalg.vector_norm(v, dim=dims, keepdim=True) if dims else v.abs()
+
+
+# ----------------------------------------------------------------------------------- kernels
+class _NormalizedWeight(torch.autograd.Function):
+    """``w = g * v / n`` with ``n = max(||v||, eps)``, with the backward written out.
+
+    With ``G = dL/dw``, ``a = g / n`` and ``d = <G, v>`` per unit::
+
+        dL/dg = d / n
+        dL/dv = a * G - (a * d / n^2) * v        (the second term vanishes where ||v|| < eps)
+
+    Three passes over the weight instead of autograd's seven (the norm's backward alone is four).
+    For ``dim=0`` on the CPU it runs torch's fused weight-norm kernels instead.
+    """
+
+    @staticmethod
+    def forward(ctx, v, g, dim, eps):  # noqa: ANN001, ANN205
+        ctx.dim = dim
+        ctx.native = (
+            dim == 0 and v.dim() > 1 and v.device.type == "cpu" and g.shape == (v.shape[0],) + (1,) * (v.dim() - 1)
+        )
+        if ctx.native:
+            # torch's fused kernels (one pass each way), unless a norm is below eps; the check
+            # is free on the CPU (on accelerators it would synchronize, so they take the general path).
+            w, norm = torch._weight_norm_interface(v, g, 0)
+            if not bool((norm < eps).any()):
+                ctx.save_for_backward(v, g, norm)
+                return w
+            ctx.native = False
+        norm = norm_except_dim(v, dim)
+        n = norm.clamp_min(eps)
+        scale = g / n
+        ctx.save_for_backward(v, g, n, norm >= eps)
+        return v * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_w):  # noqa: ANN001, ANN205
+        if ctx.native:
+            v, g, norm = ctx.saved_tensors
+            grad_v, grad_g = torch.ops.aten._weight_norm_interface_backward(grad_w.contiguous(), v, g, norm, 0)
+            return grad_v, grad_g, None, None
+        v, g, n, live = ctx.saved_tensors
+        dims = _reduce_dims(v.dim(), ctx.dim)
+        # Per-unit <G, v> (a 1-D weight with dim=0 has one element per unit: nothing to sum).
+        dot = (grad_w * v).sum(dims, keepdim=ctx.dim is not None) if dims else grad_w * v
+        a = g / n
+        grad_g = grad_v = None
+        if ctx.needs_input_grad[1]:
+            grad_g = _sum_to(dot / n, g.shape)
+        if ctx.needs_input_grad[0]:
+            b = torch.where(live, -a * dot / (n * n), 0)
+            grad_v = torch.addcmul(grad_w * a, v, b)
+        return grad_v, grad_g, None, None
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    # g may broadcast to the norm's shape (e.g. a scalar gain); reduce the gradient back to it.
+    return t.sum_to_size(shape) if t.shape != shape else t
+
+
+def _reduce_dims(ndim: int, dim: int | None) -> list[int]:
+    return list(range(ndim)) if dim is None else [d for d in range(ndim) if d != dim]
+
+
+def _wn_parametrization(module: nn.Module, name: str) -> nn.Module | None:
+    """The weight-norm parametrization of ``module.<name>`` (normlab's or torch's), or ``None``."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    plist = module.parametrizations[name]
+    if len(plist) != 1:
+        return None
+    p = plist[0]
+    if isinstance(p, WeightNorm) or type(p).__name__ == "_WeightNorm":
+        return p
+    return None
+
+
+def _param_dim(p: nn.Module) -> int | None:
+    # torch's _WeightNorm stores dim=None as -1.
+    dim = getattr(p, "dim", 0)
+    return None if dim is None or dim == -1 else dim
+
+
+def _gain(p: nn.Module, g: Tensor) -> Tensor:
+    return p.gain(g) if isinstance(p, WeightNorm) else g
+
+
+def _weight_normalized(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    for qualname, module in model.named_modules():
+        p = _wn_parametrization(module, "weight")
+        if p is not None:
+            yield qualname, module, p
+
+
+def _unit_axis(module: nn.Module, p: nn.Module, out: Tensor) -> int:
+    """The axis of ``out`` that indexes the output units of ``module``'s normalized weight."""
+    dim = _param_dim(p)
+    name = type(module).__name__
+    if isinstance(module, nn.Linear):
+        if dim == 0:
+            return out.dim() - 1
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        batched = out.dim() == module.weight.dim()
+        axis = 1 if batched else 0
+        if not module.transposed and dim == 0:
+            return axis
+        if module.transposed and dim == 1 and module.groups == 1:
+            return axis
+    else:
+        raise ValueError(
+            f"init_weight_norm: expected weight-normalized nn.Linear / nn.ConvNd / nn.ConvTransposeNd layers, "
+            f"got {name}"
+        )
+    raise ValueError(
+        f"init_weight_norm: {name} is weight-normalized with dim={dim}, expected one gain per output unit "
+        "(dim=0 for Linear/Conv, dim=1 for ConvTranspose with groups=1)"
+    )
