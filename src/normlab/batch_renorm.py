@@ -385,4 +385,20 @@ def _step_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, T
 
 
 
-_STEP = FusedStep("normlab::batch_renorm_train", _train_forward, _step_setup, _step_backward, _step_fake)
+def _step_composite(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:  # noqa: ANN001
+    """The step in differentiable ops, with this step's r and d (for second derivatives)."""
+    r, d = ctx.saved_tensors[4:]
+    mean, var, _ = channel_moments(x)
+    w_eff, b_eff = _folded_affine(weight, bias, r, d)
+    return channel_affine(x, mean, torch.rsqrt(var + ctx.eps), w_eff, b_eff)
+
+
+_STEP = FusedStep(
+    "normlab::batch_renorm_train",
+    _train_forward,
+    _step_setup,
+    _step_backward,
+    _step_fake,
+    layer="BatchRenorm",
+    composite=_step_composite,
+)

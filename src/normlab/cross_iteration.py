@@ -628,10 +628,12 @@ def _pooled_fake(x, weight, bias, past_mean, past_sqmean, eps):  # noqa: ANN001,
 
 
 def _pooled_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest: tuple, outputs) -> None:  # noqa: ANN001
-    past_mean, _, eps = rest
+    past_mean, past_sqmean, eps = rest
     _, _, _, mean_bar, invstd = outputs
     ctx.save_for_backward(x, weight, mean_bar, invstd)
     ctx.n, ctx.eps = past_mean.size(0) + 1, eps
+    # For second derivatives (small; the window slots they may view are overwritten later).
+    ctx.past = (past_mean.clone(), past_sqmean.clone())
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -661,8 +663,21 @@ def _pooled_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None,
     )
 
 
+def _pooled_composite(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:  # noqa: ANN001
+    """The pooled step in differentiable ops, with this step's past statistics (for second derivatives)."""
+    mean, var, _ = channel_moments(x)
+    mean_bar, var_bar = _pool(mean, var, *ctx.past)
+    return channel_affine(x, mean_bar, torch.rsqrt(var_bar + ctx.eps), weight, bias)
+
+
 _POOLED = FusedStep(
-    "normlab::cross_iteration_train", _pooled_forward, _pooled_setup, _pooled_backward, _pooled_fake
+    "normlab::cross_iteration_train",
+    _pooled_forward,
+    _pooled_setup,
+    _pooled_backward,
+    _pooled_fake,
+    layer="CrossIterationBatchNorm",
+    composite=_pooled_composite,
 )
 
 

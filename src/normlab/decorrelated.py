@@ -601,7 +601,18 @@ def _step_backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tenso
     return _ungrouped(gx, shape).to(dtype), g_weight, g_bias
 
 
-_STEP = FusedStep("normlab::decorrelated_train", _step_forward, _step_setup, _step_backward)
+_SECOND_ORDER = (
+    "For a gradient penalty (WGAN-GP), normalize the critic with a layer that does not mix the batch (the "
+    "WGAN-GP paper uses layer normalization), or with torch's BatchNorm."
+)
+_STEP = FusedStep(
+    "normlab::decorrelated_train",
+    _step_forward,
+    _step_setup,
+    _step_backward,
+    layer="DecorrelatedBatchNorm",
+    refusal=_SECOND_ORDER,
+)
 
 
 def _dtype(t: Tensor | None) -> torch.dtype | None:
@@ -720,6 +731,11 @@ class _EigenWhitening(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gW):  # noqa: ANN001, ANN205
+        if torch.is_grad_enabled():  # create_graph: D and s were computed without a graph
+            raise RuntimeError(
+                f"DecorrelatedBatchNorm / whitening_matrix ({ctx.method}): second derivatives (create_graph=True) "
+                f"are not supported through the eigendecomposition. {_SECOND_ORDER}"
+            )
         D, s = ctx.saved_tensors
         back = _zca_backward if ctx.method == "zca" else _pca_backward
         return back(D, s, gW), None, None

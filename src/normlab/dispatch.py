@@ -16,8 +16,13 @@ gradient.
   recomputes it from buffers that the step updates in place). This needs ``forward`` to be fully
   annotated and a ``fake`` (shape) function; a step without them is traced as the eager Function.
 
-Second derivatives: the backward is differentiable only once. Under ``create_graph=True`` it runs
-as ``once_differentiable``, and differentiating its result raises torch's error.
+Second derivatives (``create_graph=True``, as in a WGAN-GP gradient penalty): a step may give a
+``composite``, the same output written in differentiable torch ops from the step's inputs and the
+constants its ``setup`` saved; under ``create_graph`` the backward then recomputes the output that
+way and differentiates it, so second derivatives are exact. A step without one refuses: its backward
+raises an error that names the layer and what to use instead (``refusal``). Never a silent wrong
+value: ``once_differentiable`` alone would treat the backward as a constant whenever the incoming
+gradient itself carries no graph.
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ class FusedStep:
         backward: ``backward(ctx, grad_y) -> (grad_x, grad_weight, grad_bias)``; ``ctx.needs_input_grad``
             holds at least the flags of ``x``, ``weight`` and ``bias``.
         fake: the custom op's fake (meta) implementation; without it the step is not a custom op.
+        layer: the layer's name, for error messages.
+        composite: ``composite(ctx, x, weight, bias) -> y`` in differentiable ops, for second
+            derivatives; it may read what ``setup`` saved on ``ctx`` (not the running buffers, which
+            the training step moves after its forward).
+        refusal: without a ``composite``, what to use instead, said when second derivatives are asked for.
     """
 
     def __init__(
@@ -50,12 +60,19 @@ class FusedStep:
         setup: Callable[..., None],
         backward: Callable[[Any, Tensor], tuple[Tensor | None, Tensor | None, Tensor | None]],
         fake: Callable[..., tuple[Tensor, ...]] | None = None,
+        *,
+        layer: str,
+        composite: Callable[..., Tensor] | None = None,
+        refusal: str = "",
     ) -> None:
         self.name = name
         self.forward = forward
         self.setup = setup
         self.backward = backward
-        self._function = _eager_function(forward, setup, backward)
+        self.layer = layer
+        self.composite = composite
+        self.refusal = refusal
+        self._function = _eager_function(self)
         self._op = None
         if fake is not None:
             self._op = torch.library.custom_op(name, forward, mutates_args=())
@@ -77,15 +94,31 @@ class FusedStep:
             return self._op(x, weight, bias, *rest)
         return self._function.apply(x, weight, bias, rest)
 
+    def differentiable_backward(self, ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        """The backward under ``create_graph``: through :attr:`composite`, or a clear refusal."""
+        if self.composite is None:
+            raise RuntimeError(
+                f"{self.layer}: second derivatives (create_graph=True through a training step) are not "
+                f"supported: its backward is hand-written and not differentiable. {self.refusal}".rstrip()
+            )
+        x, weight, bias = ctx.inputs
+        if any(t is not None and t._version != v for t, v in zip(ctx.inputs, ctx.versions)):
+            raise RuntimeError(
+                f"{self.layer}: second derivatives need the step's input, weight and bias as they were in "
+                "the forward, but one of them has been modified in place since"
+            )
+        wanted = [(i, t) for i, t in enumerate((x, weight, bias)) if ctx.needs_input_grad[i] and t is not None]
+        with torch.enable_grad():
+            y = self.composite(ctx, x, weight, bias)
+            found = torch.autograd.grad(y, [t for _, t in wanted], grad_y, create_graph=True, allow_unused=True)
+        grads: list[Tensor | None] = [None, None, None, None]
+        for (i, _), g in zip(wanted, found):
+            grads[i] = g
+        return tuple(grads)
 
-def _eager_function(
-    forward: Callable[..., tuple[Tensor, ...]],
-    setup: Callable[..., None],
-    backward: Callable[[Any, Tensor], tuple[Tensor | None, ...]],
-) -> type[torch.autograd.Function]:
-    @torch.autograd.function.once_differentiable
-    def backward_once(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        return (*backward(ctx, grad_y), None)
+
+def _eager_function(step: FusedStep) -> type[torch.autograd.Function]:
+    forward, setup, backward = step.forward, step.setup, step.backward
 
     class Step(torch.autograd.Function):
         @staticmethod
@@ -95,14 +128,19 @@ def _eager_function(
             ctx.mark_non_differentiable(*outputs[1:])
             # No zero gradients for the aux outputs: some (what a backward reads) are the input's size.
             ctx.set_materialize_grads(False)
+            if step.composite is not None:
+                # References only (a step with a composite saves x anyway); for second derivatives.
+                ctx.inputs = (x, weight, bias)
+                ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
             return outputs
 
         @staticmethod
         def backward(ctx, grad_y, *_):  # noqa: ANN001, ANN205
             if grad_y is None:  # no gradient reaches y (gradcheck tests this): none leaves
                 return None, None, None, None
-            if torch.is_grad_enabled():  # create_graph=True: this backward has no derivative of its own
-                return backward_once(ctx, grad_y)
+            if torch.is_grad_enabled():  # create_graph=True
+                return step.differentiable_backward(ctx, grad_y)
             return (*backward(ctx, grad_y), None)
 
+    Step.__name__ = Step.__qualname__ = f"{step.layer}Step"
     return Step

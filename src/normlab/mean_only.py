@@ -230,4 +230,17 @@ def _step_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, T
     return gx, gw if need_w else None, gb if need_b else None
 
 
-_STEP = FusedStep("normlab::mean_only_train", _step_forward, _step_setup, _step_backward, _step_fake)
+def _step_composite(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:  # noqa: ANN001
+    """The step in differentiable ops (for second derivatives)."""
+    return _shift(x, x.mean(reduce_dims(x), dtype=stat_dtype(x)), weight, bias)
+
+
+_STEP = FusedStep(
+    "normlab::mean_only_train",
+    _step_forward,
+    _step_setup,
+    _step_backward,
+    _step_fake,
+    layer="MeanOnlyBatchNorm",
+    composite=_step_composite,
+)

@@ -311,12 +311,13 @@ class _NormalizedWeight(torch.autograd.Function):
         dL/dv = a * G - (a * d / n^2) * v        (the second term vanishes where ||v|| < eps)
 
     Three passes over the weight instead of autograd's seven (the norm's backward alone is four).
-    For ``dim=0`` on the CPU it runs torch's fused weight-norm kernels instead.
+    For ``dim=0`` on the CPU it runs torch's fused weight-norm kernels instead. Under ``create_graph``
+    (second derivatives) the backward is autograd's through ``g * v / max(||v||, eps)`` instead.
     """
 
     @staticmethod
     def forward(ctx, v, g, dim, eps):  # noqa: ANN001, ANN205
-        ctx.dim = dim
+        ctx.dim, ctx.eps = dim, eps
         ctx.native = (
             dim == 0 and v.dim() > 1 and v.device.type == "cpu" and g.shape == (v.shape[0],) + (1,) * (v.dim() - 1)
         )
@@ -335,8 +336,18 @@ class _NormalizedWeight(torch.autograd.Function):
         return v * scale
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_w):  # noqa: ANN001, ANN205
+        if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+            v, g = ctx.saved_tensors[:2]
+            wanted = [t for t, need in zip((v, g), ctx.needs_input_grad[:2]) if need]
+            with torch.enable_grad():
+                w = g * v / norm_except_dim(v, ctx.dim).clamp_min(ctx.eps)
+                found = iter(torch.autograd.grad(w, wanted, grad_w, create_graph=True, allow_unused=True))
+            return (*(next(found) if need else None for need in ctx.needs_input_grad[:2]), None, None)
+        return _NormalizedWeight._backward(ctx, grad_w)
+
+    @staticmethod
+    def _backward(ctx, grad_w):  # noqa: ANN001, ANN205
         if ctx.native:
             v, g, norm = ctx.saved_tensors
             grad_v, grad_g = torch.ops.aten._weight_norm_interface_backward(grad_w.contiguous(), v, g, norm, 0)
