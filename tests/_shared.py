@@ -92,9 +92,8 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlock(nn.Module):
     """torchvision's ResNet basic block: conv3x3-bn-relu-conv3x3-bn, ``out += identity``, relu.
 
-    ``inplace=False`` adds the shortcut and applies the ReLUs out of place (the same function): the
-    form DecorrelatedBatchNorm needs in training for now, as the view its autograd Function returns
-    cannot be modified in place.
+    ``inplace=False`` adds the shortcut and applies the ReLUs out of place (the same function), for
+    tests that compare the two forms.
     """
 
     def __init__(

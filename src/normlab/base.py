@@ -21,9 +21,10 @@ The forward skeleton (:meth:`NormBase.forward`) is the same for every batch-stat
 2. in eval mode, or when frozen, normalize with the running statistics (:meth:`NormBase.normalize_running`);
 3. otherwise take the batch statistics, local or over the layer's process group, and normalize with
    them (:meth:`NormBase.normalize_batch`, which returns the output and a :class:`BatchStats`);
-4. in training, record the step (:meth:`NormBase.record_step`): move the running statistics
-   towards the batch's (:meth:`NormBase.update_running`) when tracking them, and whatever other
-   state the variant keeps per step. Only this step changes state.
+4. in training, unless the batch's statistics are not finite (:meth:`ToolState.statistics_are_finite`,
+   see ``on_nonfinite``), record the step (:meth:`NormBase.record_step`): move the running
+   statistics towards the batch's (:meth:`NormBase.update_running`) when tracking them, and
+   whatever other state the variant keeps per step. Only this step changes state.
 
 A variant overrides only the steps its paper changes.
 
@@ -130,16 +131,24 @@ class ToolState:
     * ``converted_from``: the class the layer was converted from (the first of a chain of
       conversions), so that ``convert(model, "bn")`` restores torch's own class; ``None`` if built
       directly.
+    * ``on_nonfinite``: what a training batch whose statistics are not finite (NaN or Inf in the
+      input, or values whose squares overflow) does. ``"skip"`` (the default): its output is what
+      it is (as torch's), but nothing it measured reaches the layer's state (running statistics,
+      counters, windows, whitening matrices), and the layer warns once. ``"raise"``: a
+      ``ValueError``, with the state untouched.
     """
 
     frozen: bool = False
     process_group: Any | None = None
     converted_from: type | None = None
+    on_nonfinite: str = "skip"
 
     def _init_tool_state(self) -> None:
         self.frozen = False
         self.process_group = None
         self.converted_from = None
+        self.on_nonfinite = "skip"
+        self._warned_nonfinite = False
 
     def configure(
         self,
@@ -147,6 +156,7 @@ class ToolState:
         frozen: bool | None = None,
         process_group: Any | None = ...,  # type: ignore[assignment]
         converted_from: type | None = ...,  # type: ignore[assignment]
+        on_nonfinite: str | None = None,
     ) -> ToolState:
         """Set any of the tool settings (unnamed ones are kept); returns the layer."""
         if frozen is not None:
@@ -159,7 +169,39 @@ class ToolState:
             if converted_from is not None and not isinstance(converted_from, type):
                 raise TypeError(f"{layer_name(self)}: expected converted_from to be a class or None")
             self.converted_from = converted_from
+        if on_nonfinite is not None:
+            if on_nonfinite not in NONFINITE:
+                raise ValueError(f"{layer_name(self)}: expected on_nonfinite in {NONFINITE}, got {on_nonfinite!r}")
+            self.on_nonfinite = on_nonfinite
         return self
+
+    def statistics_are_finite(self, *tensors: Any) -> bool:
+        """Whether every tensor in ``tensors`` (nested tuples allowed) is finite; else warn or raise.
+
+        The guard of :attr:`on_nonfinite`, called before a training step changes any state. One
+        host synchronization. Under ``torch.compile`` it is skipped (a data-dependent branch would
+        break the graph): there a non-finite batch reaches the state, as in torch's BatchNorm.
+        """
+        if torch.compiler.is_compiling():
+            return True
+        flat = [t for t in _tensors(tensors) if t.is_floating_point()]
+        if not flat or bool(torch.stack([t.isfinite().all() for t in flat]).all()):
+            return True
+        message = (
+            f"{layer_name(self)}: a training batch gave non-finite statistics (NaN or Inf in the input, or "
+            "values whose squares overflow); "
+        )
+        if self.on_nonfinite == "raise":
+            raise ValueError(message + "nothing was updated (on_nonfinite='raise')")
+        if not self.__dict__.get("_warned_nonfinite", False):
+            self._warned_nonfinite = True
+            warnings.warn(
+                message + "its output is returned as is, but it did not reach the running statistics or any "
+                "other state of the layer (warned once per layer; configure(on_nonfinite='raise') to raise)",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        return False
 
     def sync_group(self) -> Any | None:
         """The torch process group to synchronize batch statistics over now, or ``None``."""
@@ -172,7 +214,19 @@ class ToolState:
         state.setdefault("frozen", False)
         state.setdefault("process_group", None)
         state.setdefault("converted_from", None)
+        state.setdefault("on_nonfinite", "skip")
         super().__setstate__(state)  # type: ignore[misc]
+
+
+NONFINITE = ("skip", "raise")
+
+
+def _tensors(items: Any) -> list[Tensor]:
+    if isinstance(items, Tensor):
+        return [items]
+    if isinstance(items, (tuple, list)):
+        return [t for item in items for t in _tensors(item)]
+    return []
 
 
 class _FrozenHooks:
@@ -238,6 +292,7 @@ def settings_of(module: nn.Module) -> dict[str, Any]:
             "frozen": module.frozen,
             "process_group": module.process_group,
             "converted_from": module.converted_from or type(module),
+            "on_nonfinite": module.on_nonfinite,
         }
     return {"frozen": is_frozen(module), "process_group": None, "converted_from": type(module)}
 
@@ -319,7 +374,7 @@ class NormBase(ToolState, nn.Module):
         if not batch:
             return self.normalize_running(x)
         y, stats = self.normalize_batch(x, group)
-        if self.training:
+        if self.training and self.statistics_are_finite(stats.mean, stats.var, stats.extra):
             with torch.no_grad():
                 self.record_step(stats)
         return y
@@ -454,7 +509,8 @@ def step_factor(module: nn.Module) -> Tensor | float:
     steps = module.num_batches_tracked
     steps.add_(constant(1, steps.device, steps.dtype))
     if module.momentum is None:
-        return 1.0 / module.num_batches_tracked.to(torch.float32)
+        # In float64, rounded once to the buffers' dtype by the update (torch's factor is a Python float).
+        return 1.0 / module.num_batches_tracked.to(torch.float64)
     return module.momentum
 
 

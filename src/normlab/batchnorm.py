@@ -53,13 +53,26 @@ class BatchNorm(ToolState, nn.modules.batchnorm._BatchNorm):
         use_batch = self.training or self.running_mean is None
         group = self.sync_group() if use_batch else None
         if group is None:
-            # torch's kernels; an empty batch in training would only bump num_batches_tracked there.
             check_input(self, input, self.num_features, training=use_batch)
-            return super().forward(input)
+            if not (self.training and self.track_running_stats and self.running_mean is not None):
+                return super().forward(input)
+            # torch's kernel and update rule, on copies of the running statistics, which replace them
+            # only if they came out finite (see on_nonfinite): bit for bit what torch's layer stores.
+            steps = self.num_batches_tracked
+            factor = self.momentum if self.momentum is not None else 1.0 / float(steps + 1)
+            mean, var = self.running_mean.clone(), self.running_var.clone()
+            y = F.batch_norm(input, mean, var, self.weight, self.bias, True, factor, self.eps)
+            if self.statistics_are_finite(mean, var):
+                with torch.no_grad():
+                    self.running_mean.copy_(mean)
+                    self.running_var.copy_(var)
+                    steps.add_(1)
+            return y
         # Synchronized: the sample-count check is on the global batch (in channel_moments), so a
         # process may hold one sample or none; statistics are validated before any state moves.
         self._check_input_dim(input)
         mean, var, count = channel_moments(input, group, self)
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            update_running_stats(self, mean, var, count)
+            if self.statistics_are_finite(mean, var):
+                update_running_stats(self, mean, var, count)
         return channel_affine(input, mean, torch.rsqrt(var + self.eps), self.weight, self.bias)

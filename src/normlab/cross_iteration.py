@@ -309,7 +309,7 @@ class CrossIterationBatchNorm(NormBase):
             warnings.warn(
                 "CrossIterationBatchNorm: no producer attached: the window pools uncompensated statistics "
                 "(pair it with attach(conv) or normlab.convert)",
-                stacklevel=3,
+                stacklevel=5,
             )
         stored = int(self.window_count)
         past_mean, past_sqmean = self.past_statistics(stored)

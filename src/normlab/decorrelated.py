@@ -633,9 +633,14 @@ def _check_method(name: str, method: str, iterations: int) -> None:
 
 # ------------------------------------------------------------------------------------ whitening matrices
 def _eig(sigma: Tensor, floor: float) -> tuple[Tensor, Tensor]:
-    lam, D = torch.linalg.eigh(sigma)
+    # A group with NaN or Inf in its covariance (a non-finite batch) gets NaN eigenvalues, so that its
+    # output is NaN as BatchNorm's would be; eigh itself would fail to converge on it.
+    bad = ~torch.isfinite(sigma).all(-1).all(-1)
+    eye = torch.eye(sigma.size(-1), dtype=sigma.dtype, device=sigma.device)
+    lam, D = torch.linalg.eigh(torch.where(bad[..., None, None], eye, sigma))
     # Sigma >= eps I in exact arithmetic: the floor only removes rounding below it.
-    return lam.clamp_min(floor).sqrt(), D
+    s = lam.clamp_min(floor).sqrt()
+    return torch.where(bad[..., None], torch.nan, s), D
 
 
 def _zca_forward(D: Tensor, s: Tensor) -> Tensor:

@@ -1,0 +1,118 @@
+"""A training batch with non-finite statistics never reaches a layer's state (``on_nonfinite``).
+
+One NaN, Inf or overflowing batch (mixed-precision training meets them) used to poison the running
+statistics, BatchRenorm's corrections, CBN's window and DBN's whitening matrix for good. Now its
+output is returned as torch's BatchNorm would return it, the layer warns once, its state is untouched
+and it trains on normally; ``on_nonfinite="raise"`` raises instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from _shared import STAT_KINDS, make_norm
+
+GUARDED = [k for k in STAT_KINDS if k != "torch"]  # torch's own BatchNorm is torch's business
+BAD = {"nan": float("nan"), "inf": float("inf"), "overflow": 1e20}
+
+
+def _state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def _batch(seed: int, bad: float | None = None) -> torch.Tensor:
+    x = torch.randn(8, 6, 3, 3, generator=torch.Generator().manual_seed(seed))
+    if bad is not None:
+        x[2, 1, 0, 0] = bad
+    return x
+
+
+def _trained(kind: str) -> nn.Module:
+    layer = make_norm(kind, 6).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unpaired CBN says so
+        for s in range(4):
+            layer(_batch(s))
+    return layer
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+@pytest.mark.parametrize("kind", GUARDED)
+def test_nonfinite_batch_leaves_state_and_training_intact(kind, bad):
+    layer = _trained(kind)
+    before = _state(layer)
+    x = _batch(10, BAD[bad])
+    overflow_is_finite = bad == "overflow" and kind == "mobn"  # a mean of 1e20 is finite: no guard needed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = layer(x)
+        layer(_batch(11, BAD[bad]))
+    nonfinite = [w for w in caught if issubclass(w.category, RuntimeWarning) and "non-finite" in str(w.message)]
+    if overflow_is_finite:
+        assert not nonfinite
+        return
+    assert len(nonfinite) == 1 and type(layer).__name__ in str(nonfinite[0].message)  # warned once
+    for k, v in _state(layer).items():
+        assert torch.equal(v, before[k]), k
+    assert y.shape == x.shape
+    # The output is what it is, as with torch's BatchNorm: the channel with the bad value is not finite
+    # (for DBN, its whitening group), the others are normalized as usual.
+    if bad != "overflow" and kind != "dbn":
+        assert not torch.isfinite(y[:, 1]).all() and torch.isfinite(y[:, 0]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = [layer(_batch(20 + s)) for s in range(20)]
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert not torch.equal(layer.state_dict()["running_mean"], before["running_mean"])  # it trains on
+
+
+@pytest.mark.parametrize("kind", GUARDED)
+def test_on_nonfinite_raise(kind):
+    layer = _trained(kind)
+    layer.configure(on_nonfinite="raise")
+    before = _state(layer)
+    with pytest.raises(ValueError, match=f"{type(layer).__name__}: a training batch gave non-finite statistics"):
+        layer(_batch(10, float("nan")))
+    for k, v in _state(layer).items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        layer.configure(on_nonfinite="ignore")
+
+
+def test_setting_is_carried_by_convert_and_sync():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), normlab.BatchRenorm(4))
+    model[1].configure(on_nonfinite="raise")
+    for converted in (normlab.convert(model, "cbn", window=2), normlab.sync(model), normlab.convert(model, "bn")):
+        norm = converted[1]
+        if isinstance(norm, normlab.base.ToolState):
+            assert norm.on_nonfinite == "raise"
+
+
+def test_batchnorm_stores_what_torch_stores_bit_for_bit():
+    torch.manual_seed(0)
+    for momentum in (0.1, None):
+        ours = normlab.BatchNorm(5, momentum=momentum, dtype=torch.float64)
+        ref = nn.BatchNorm2d(5, momentum=momentum, dtype=torch.float64)
+        for _ in range(4):
+            x = torch.randn(4, 5, 3, 3, dtype=torch.float64) * 2 + 1
+            assert torch.equal(ours(x), ref(x))
+        for k, v in ref.state_dict().items():
+            assert torch.equal(ours.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("kind", ["brn", "cbn", "dbn"])
+def test_momentum_none_running_mean_in_float64_matches_torch(kind):
+    torch.manual_seed(0)
+    options = {"brn": {"r_max": 1.0, "d_max": 0.0}, "cbn": {"window": 1}, "dbn": {"group_size": 1}}[kind]
+    layer = make_norm(kind, 4, dims=1, momentum=None, dtype=torch.float64, **options)
+    ref = nn.BatchNorm1d(4, momentum=None, dtype=torch.float64)
+    for _ in range(7):
+        x = torch.randn(16, 4, dtype=torch.float64) * 3 + 1
+        layer(x)
+        ref(x)
+    torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=0, atol=1e-14)
