@@ -116,3 +116,58 @@ def test_momentum_none_running_mean_in_float64_matches_torch(kind):
         layer(x)
         ref(x)
     torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=0, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- checks before state
+@pytest.mark.parametrize("kind", GUARDED)
+def test_wrong_dtype_input_is_refused_before_any_counter_moves(kind):
+    layer = _trained(kind)
+    before = _state(layer)
+    with pytest.raises(ValueError, match=f"{type(layer).__name__}: expected an input of dtype torch.float32"):
+        layer(_batch(5).double())
+    for k, v in _state(layer).items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("kind", ["brn", "cbn", "dbn"])
+def test_eps_zero_is_refused_where_the_layer_divides(kind):
+    with pytest.raises(ValueError, match="expected eps > 0"):
+        make_norm(kind, 4, eps=0.0)
+    make_norm("mobn", 4, eps=0.0)  # divides by nothing
+
+
+# ----------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("kind", GUARDED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_module_trains_and_evaluates(kind, dtype):
+    layer = make_norm(kind, 6).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s in range(3):  # CBN: burn-in-free window of 3, so windowed from the second step
+            y = layer(_batch(s).to(dtype))
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        layer.eval()
+        y = layer(_batch(9).to(dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    # normlab's statistics stay float32; normlab.BatchNorm is torch's layer and casts them as torch does.
+    assert layer.running_mean.dtype == (dtype if kind == "bn" else torch.float32)
+
+
+@pytest.mark.parametrize("kind", GUARDED)
+def test_bf16_autocast_trains_like_float32(kind):
+    """Under autocast the layer sees a bfloat16 input (a conv's output) and computes as without it."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1)
+    layer = make_norm(kind, 6)
+    ref = make_norm(kind, 6)
+    x = torch.randn(8, 3, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = conv(x)
+            y = layer(h)
+        y.float().square().mean().backward()
+        want = ref(h.detach().float())
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+    torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05)

@@ -55,9 +55,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checks, comm, kernels
-from .checks import check_input, check_settings, layer_name
+from .checks import check_input, check_placement, check_settings, layer_name
 from .comm import resolve_group
-from .kernels import LOW_PRECISION, buffer_dtype, channel_moments, constant, running_update
+from .kernels import LOW_PRECISION, buffer_dtype, channel_moments, constant, params_in, running_update
 
 __all__ = [
     "Moments",
@@ -325,6 +325,8 @@ class NormBase(ToolState, nn.Module):
     _version = 2  # same state-dict version as torch's BatchNorm (num_batches_tracked present)
     #: Whether the layer keeps a ``running_var`` (a variant that never uses a variance sets it False).
     _keeps_running_var = True
+    #: Why ``eps`` must be positive (``None``: it may be 0, as for a layer that never divides).
+    _positive_eps_because: str | None = "it is added to a batch variance that may be 0"
 
     def __init__(
         self,
@@ -338,6 +340,9 @@ class NormBase(ToolState, nn.Module):
     ) -> None:
         super().__init__()
         check_settings(type(self).__name__, num_features, eps, momentum)
+        if self._positive_eps_because is not None and not eps > 0:
+            # torch raises only when training starts; a layer that cannot train with it refuses it here.
+            raise ValueError(f"{type(self).__name__}: expected eps > 0 ({self._positive_eps_because}), got {eps!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = float(eps)
@@ -381,7 +386,8 @@ class NormBase(ToolState, nn.Module):
 
     def normalize_running(self, x: Tensor) -> Tensor:
         """Eval mode (or frozen): batch normalization with the running statistics."""
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        weight, bias = params_in(self.running_mean.dtype, self.weight, self.bias)
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps)
 
     def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
         """Training mode: normalize with the batch statistics (global over ``group`` when given)."""
@@ -459,6 +465,7 @@ class NormBase(ToolState, nn.Module):
         if training is None:
             training = self.use_batch_stats() and self.sync_group() is None
         check_input(self, x, self.num_features, training)
+        check_placement(self, x, self.weight if self.weight is not None else self.running_mean)
 
     def use_batch_stats(self) -> bool:
         """Whether this forward normalizes with batch statistics (as opposed to running ones)."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import ToolState, update_running_stats
-from .checks import check_input
+from .checks import check_input, check_placement
 from .kernels import channel_affine, channel_moments
 
 __all__ = ["BatchNorm"]
@@ -43,16 +43,18 @@ class BatchNorm(ToolState, nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_input(self, input, self.num_features, training=False)
+        check_placement(self, input, self.weight if self.weight is not None else self.running_mean)
 
     def forward(self, input: Tensor) -> Tensor:
         if self.frozen and self.running_mean is not None:
-            check_input(self, input, self.num_features, training=False)
+            self._check_input_dim(input)
             return F.batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
         use_batch = self.training or self.running_mean is None
         group = self.sync_group() if use_batch else None
         if group is None:
+            self._check_input_dim(input)
             check_input(self, input, self.num_features, training=use_batch)
             if not (self.training and self.track_running_stats and self.running_mean is not None):
                 return super().forward(input)

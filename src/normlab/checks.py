@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "check_global_count",
     "check_settings",
     "check_positive_int",
+    "check_placement",
     "keyword_options",
 ]
 
@@ -54,6 +56,26 @@ def check_input(module: nn.Module | str, x: Tensor, num_features: int, training:
         raise ValueError(
             f"{name}: expected more than 1 value per channel when training, got input of shape "
             f"{tuple(x.shape)}"
+        )
+
+
+def check_placement(module: nn.Module | str, x: Tensor, reference: Tensor | None) -> None:
+    """Raise a clear ``ValueError`` unless ``x`` is on the layer's device and of a dtype it computes in.
+
+    ``reference`` is a parameter or buffer of the layer. Same dtype, or a half/bfloat16 input with
+    float32 parameters (autocast, or statistics kept float32) are accepted; anything else (a float64
+    input into a float32 layer, say) is refused, as torch's BatchNorm refuses it, before any state moves.
+    """
+    if reference is None or not isinstance(x, Tensor):
+        return
+    name = layer_name(module)
+    if x.device != reference.device:
+        raise ValueError(f"{name}: expected an input on {reference.device} (the layer's device), got {x.device}")
+    low = (torch.float16, torch.bfloat16)
+    if x.dtype != reference.dtype and not (x.dtype in low and reference.dtype == torch.float32):
+        raise ValueError(
+            f"{name}: expected an input of dtype {reference.dtype} (the layer's; half/bfloat16 inputs go with "
+            f"float32 layers), got {x.dtype}: convert the input or the layer (layer.to(dtype))"
         )
 
 

@@ -67,6 +67,7 @@ from .kernels import (
     channel_shape,
     inference_batch_norm,
     memory_format_of,
+    params_in,
     running_update,
     stat_dtype,
     stats_and_output_buffer,
@@ -564,6 +565,7 @@ def _batch_norm_step(
     """
     if group is None:
         scratch = x.new_zeros((2, x.size(1)), dtype=stat_dtype(x))
+        weight, bias = params_in(scratch.dtype, weight, bias)
         y = F.batch_norm(x, scratch[0], scratch[1], weight, bias, True, 1.0, eps)
         m = x.numel() // x.size(1)
         return y, scratch[0], scratch[1] * ((m - 1) / m), m  # (the kernel saved the buffers: no in-place op)

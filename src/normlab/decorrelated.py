@@ -138,6 +138,8 @@ class DecorrelatedBatchNorm(NormBase):
     the original one until it trains.
     """
 
+    _positive_eps_because = "whitening needs a positive definite covariance"
+
     @keyword_options(_LEGACY_ORDER, _legacy_order)
     def __init__(
         self,
@@ -157,8 +159,6 @@ class DecorrelatedBatchNorm(NormBase):
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"{name}: expected group_size to be a positive int, got {group_size!r}")
         _check_method(name, method, iterations)
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"{name}: expected eps > 0 (whitening needs a positive definite covariance), got {eps!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.group_size = group_size
         self.method = method

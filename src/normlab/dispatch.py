@@ -27,6 +27,7 @@ gradient itself carries no graph.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -123,7 +124,10 @@ def _eager_function(step: FusedStep) -> type[torch.autograd.Function]:
     class Step(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, weight, bias, rest):  # noqa: ANN001, ANN205
-            outputs = forward(x, weight, bias, *rest)
+            # The step keeps its own precision rules (statistics in float32 for half inputs): autocast
+            # must not recast its products on the way (DBN's covariance in bfloat16, say).
+            with _no_autocast(x):
+                outputs = forward(x, weight, bias, *rest)
             setup(ctx, x, weight, bias, rest, outputs)
             ctx.mark_non_differentiable(*outputs[1:])
             # No zero gradients for the aux outputs: some (what a backward reads) are the input's size.
@@ -140,7 +144,18 @@ def _eager_function(step: FusedStep) -> type[torch.autograd.Function]:
                 return None, None, None, None
             if torch.is_grad_enabled():  # create_graph=True
                 return step.differentiable_backward(ctx, grad_y)
-            return (*backward(ctx, grad_y), None)
+            with _no_autocast(grad_y):
+                return (*backward(ctx, grad_y), None)
 
     Step.__name__ = Step.__qualname__ = f"{step.layer}Step"
     return Step
+
+
+def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast switched off for ``x``'s device while it is on (a no-op context otherwise)."""
+    device = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except TypeError:  # torch < 2.4 takes no device type
+        enabled = torch.is_autocast_enabled() if device == "cuda" else torch.is_autocast_cpu_enabled()
+    return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()

@@ -34,6 +34,7 @@ __all__ = [
     "channel_affine",
     "ema",
     "running_update",
+    "params_in",
 ]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -283,3 +284,13 @@ def running_update(
     ema(running_mean, mean, factor)
     if running_var is not None:
         ema(running_var, var * (count / (count - 1)), factor)
+
+
+def params_in(dtype: torch.dtype, *params: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``params`` (``weight``, ``bias``) in ``dtype``, the statistics' dtype.
+
+    torch's CPU kernels take a half/bfloat16 input with float32 parameters and statistics, but not
+    half parameters with float32 statistics (a module after ``.half()``, whose statistics stay
+    float32). Differentiable: the gradients come back in the parameters' dtype.
+    """
+    return tuple(p if p is None or p.dtype == dtype else p.to(dtype) for p in params)

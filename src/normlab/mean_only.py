@@ -55,8 +55,9 @@ class MeanOnlyBatchNorm(NormBase):
         track_running_stats: keep a running mean for eval; without it eval uses the batch mean.
     """
 
-    # The layer has no variance to keep (see the module docstring).
+    # The layer has no variance to keep and divides by nothing (see the module docstring).
     _keeps_running_var = False
+    _positive_eps_because = None
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
