@@ -171,3 +171,87 @@ def test_bf16_autocast_trains_like_float32(kind):
     assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
     assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
     torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05)
+
+
+# ----------------------------------------------------------------------------- loads and tools
+def _paired_cbn() -> tuple[nn.Module, nn.Module]:
+    conv = nn.Conv2d(3, 4, 3)
+    layer = normlab.CrossIterationBatchNorm(4, window=3).attach(conv)
+    for s in range(5):
+        layer(conv(torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(s))))
+    return conv, layer
+
+
+def test_cbn_window_and_counters_survive_failed_and_partial_loads():
+    _, layer = _paired_cbn()
+    window = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith("window") or k == "num_steps"}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict(nn.BatchNorm2d(5).state_dict())
+    layer.load_state_dict({"weight": torch.ones(4), "bias": torch.zeros(4)}, strict=False)
+    for k, v in window.items():
+        assert torch.equal(layer.state_dict()[k], v), k
+    steps = int(layer.num_batches_tracked)
+    layer.load_state_dict({"weight": torch.ones(4)}, strict=False)
+    assert int(layer.num_batches_tracked) == steps  # as torch: a partial state dict keeps the count
+    # A BatchNorm checkpoint is a different thing: its statistics load and the window starts afresh.
+    layer.load_state_dict(nn.BatchNorm2d(4).state_dict())
+    assert int(layer.window_count) == 0 and int(layer.num_steps) == 0
+
+
+def test_partial_state_dict_keeps_batch_renorm_schedule():
+    layer = normlab.BatchRenorm(4, **normlab.paper_schedule(scale=1e-3))
+    for _ in range(7):
+        layer(torch.randn(8, 4))
+    limits = layer.limits()
+    layer.load_state_dict({"weight": torch.ones(4), "bias": torch.zeros(4)}, strict=False)
+    assert int(layer.num_batches_tracked) == 7 and layer.limits() == limits
+    ref = nn.BatchNorm1d(4)
+    ref.num_batches_tracked.fill_(7)
+    ref.load_state_dict({"weight": torch.ones(4), "bias": torch.zeros(4)}, strict=False)
+    assert int(ref.num_batches_tracked) == 7  # what torch does
+
+
+@pytest.mark.parametrize("kind", STAT_KINDS)
+def test_load_statistics_validates_before_writing(kind):
+    layer = make_norm(kind, 4, dims=1)
+    before = _state(layer)
+    keeps_var = layer.running_var is not None
+    cases = [
+        (torch.tensor(0.5), torch.ones(4), "mean of shape \\(4,\\)"),
+        (torch.full((4,), float("nan")), torch.ones(4), "finite mean"),
+    ]
+    if keeps_var and kind != "dbn":
+        cases += [
+            (torch.zeros(4), torch.ones(3), "variance of shape \\(4,\\)"),
+            (torch.zeros(4), -torch.ones(4), "variance >= 0"),
+            (torch.zeros(4), torch.tensor([1.0, float("inf"), 1.0, 1.0]), "finite variance"),
+        ]
+    for mean, var, message in cases:
+        if kind == "dbn":
+            var = torch.eye(4).expand(1, 4, 4)
+            message = "mean of shape" if mean.dim() == 0 else "finite"
+        with pytest.raises(ValueError, match=message):
+            normlab.base.load_statistics(layer, mean, var)
+        for k, v in _state(layer).items():
+            assert torch.equal(v, before[k]), k
+
+
+def test_init_weight_norm_refuses_a_non_finite_batch():
+    model = nn.Sequential(normlab.weight_norm(nn.Linear(4, 5)), nn.ReLU(), normlab.weight_norm(nn.Linear(5, 2)))
+    before = _state(model)
+    x = torch.randn(32, 4)
+    x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="init_weight_norm: expected finite pre-activations"):
+        normlab.init_weight_norm(model, x)
+    for k, v in _state(model).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_newton_warns_on_a_rank_deficient_covariance():
+    layer = normlab.DecorrelatedBatchNorm(8, group_size=8, method="newton")
+    with pytest.warns(RuntimeWarning, match="rank-deficient"):
+        layer(torch.randn(6, 8))  # 6 samples for a group of 8 channels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normlab.DecorrelatedBatchNorm(8, group_size=8, method="newton")(torch.randn(32, 8))
+        normlab.DecorrelatedBatchNorm(8, group_size=8)(torch.randn(6, 8))  # zca: exact at any rank

@@ -74,6 +74,7 @@ __all__ = [
     "stat_layers",
     "batch_moments",
     "load_statistics",
+    "write_statistics",
     "inference_affine",
 ]
 
@@ -447,8 +448,10 @@ class NormBase(ToolState, nn.Module):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # Old torch checkpoints have no step counter: start it at 0, as torch does.
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            # A state dict without the step counter (an old torch checkpoint, a partial dict) keeps the
+            # current count, as torch does: a schedule (BatchRenorm's r_max/d_max) does not restart.
+            steps = self.num_batches_tracked
+            state_dict[key] = steps if steps.device.type != "meta" else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -494,11 +497,13 @@ class NormBase(ToolState, nn.Module):
 
     @torch.no_grad()
     def load_statistics(self, mean: Tensor, var: Tensor) -> None:
-        """Set the inference statistics from a population mean and *unbiased* variance."""
+        """Set the inference statistics from a population mean and *unbiased* variance.
+
+        Both are checked (shape ``(C,)``, finite, the variance >= 0) before either is written.
+        """
         if not self.track_running_stats:
             raise ValueError(f"{type(self).__name__}: has no running statistics (track_running_stats=False)")
-        self.running_mean.copy_(mean)
-        self.running_var.copy_(var)
+        write_statistics(self, mean, var)
 
     @torch.no_grad()
     def inference_affine(self) -> tuple[Tensor, Tensor]:
@@ -592,7 +597,27 @@ def load_statistics(module: nn.Module, mean: Tensor, var: Tensor) -> None:
     if isinstance(module, NormBase):
         module.load_statistics(mean, var)
     else:
-        module.running_mean.copy_(mean)
+        write_statistics(module, mean, var)
+
+
+def write_statistics(module: nn.Module, mean: Tensor, var: Tensor | None) -> None:
+    """Check a per-channel mean and (unbiased) variance, then write them; nothing is written unless both pass.
+
+    ``var=None`` (a layer that keeps no variance) writes the mean alone.
+    """
+    name, c = type(module).__name__, module.num_features
+    for what, t in (("mean", mean), ("variance", var)):
+        if t is None and what == "variance" and module.running_var is None:
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != (c,):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a {what} of shape ({c},), got {shape}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: expected a finite {what}, got non-finite values")
+    if var is not None and bool((var < 0).any()):
+        raise ValueError(f"{name}: expected a variance >= 0, got {float(var.min())}")
+    module.running_mean.copy_(mean)
+    if var is not None and module.running_var is not None:
         module.running_var.copy_(var)
 
 

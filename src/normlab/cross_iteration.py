@@ -263,18 +263,25 @@ class CrossIterationBatchNorm(NormBase):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):  # noqa: ANN001 - torch's signature
-        fresh = not any(prefix + name in state_dict for name in _WINDOW_STATE)
+        has_window = any(prefix + name in state_dict for name in _WINDOW_STATE)
+        # A BatchNorm checkpoint has running statistics and no window; a partial state dict (say weight
+        # and bias alone, strict=False) has neither, and leaves the window and counters as they are.
+        from_batchnorm = not has_window and prefix + "running_mean" in state_dict
+        errors = len(error_msgs)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if fresh:
-            # A BatchNorm checkpoint: its learned state is loaded, the window starts empty.
+        if from_batchnorm:
             for name in _WINDOW_STATE:
                 if prefix + name in missing_keys:
                     missing_keys.remove(prefix + name)
+        if len(error_msgs) > errors:
+            return  # a failed load changes nothing more
+        if from_batchnorm:
+            # Its learned state is loaded; the window, measured under other weights, starts empty.
             self.reset_window()
             self.num_steps.zero_()
-        elif self.producer is not None and self._window_matches():
+        elif has_window and self.producer is not None and self._window_matches():
             for slot in range(min(self.window_intercept.size(1), self.window_mean.size(0))):
                 self._store_intercepts(slot)
 

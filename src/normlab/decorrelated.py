@@ -185,6 +185,18 @@ class DecorrelatedBatchNorm(NormBase):
         return _ungrouped(y, x.shape).to(x.dtype)
 
     def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
+        m, g = x.numel() // x.size(1), self.padded_group_size
+        if self.method == "newton" and group is None and m <= g and not self.__dict__.get("_warned_rank", False):
+            self._warned_rank = True
+            warnings.warn(
+                f"DecorrelatedBatchNorm(method='newton'): {m} samples per channel for groups of {g} channels: "
+                f"the covariance is rank-deficient (rank <= {m - 1}), most of its eigenvalues are eps, and "
+                "Newton's iteration is not self-correcting there: its rounding errors grow with every step "
+                f"(iterations={self.iterations}; float32 diverges within about 10). Use more samples per step, "
+                "a smaller group_size, or method='zca' (warned once per layer)",
+                RuntimeWarning,
+                stacklevel=5,
+            )
         y, mean, cov, W, count = _batch_step(
             x, self.weight, self.bias, self.num_groups, self.padded_group_size, self.eps, self.method,
             self.iterations, group,

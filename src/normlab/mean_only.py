@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import BatchStats, NormBase
+from .base import BatchStats, NormBase, write_statistics
 from .comm import global_sum
 from .dispatch import FusedStep
 from .kernels import channel_shape, ema, memory_format_of, reduce_dims, stat_dtype
@@ -84,14 +84,10 @@ class MeanOnlyBatchNorm(NormBase):
     # this layer ignores).
     @torch.no_grad()
     def load_statistics(self, mean: Tensor, var: Tensor | None = None) -> None:
-        """Set the running mean from a population mean; ``var`` is accepted and ignored."""
+        """Set the running mean from a population mean (checked before it is written); ``var`` is ignored."""
         if not self.track_running_stats:
             raise ValueError("MeanOnlyBatchNorm: has no running statistics (track_running_stats=False)")
-        if tuple(mean.shape) != (self.num_features,):
-            raise ValueError(
-                f"MeanOnlyBatchNorm: expected a mean of shape ({self.num_features},), got {tuple(mean.shape)}"
-            )
-        self.running_mean.copy_(mean)
+        write_statistics(self, mean, None)
 
     @torch.no_grad()
     def inference_affine(self) -> tuple[Tensor, Tensor]:

@@ -172,8 +172,9 @@ def init_weight_norm(model: nn.Module, batch: Any, eps: float = 1e-6, *, forward
     one, ``(t - mu) / sigma``, so later layers are initialized on it. A layer without a bias gets
     ``g`` only. Log-scale gains get ``s = -log(sigma) / c``.
 
-    The model's train/eval mode is left as it is. ``v`` is not changed. If anything raises, every
-    gain and bias is restored. Returns the names of the initialized layers in forward order.
+    The model's train/eval mode is left as it is. ``v`` is not changed. A batch that gives non-finite
+    statistics at any layer raises a ``ValueError``. If anything raises, every gain and bias is
+    restored. Returns the names of the initialized layers in forward order.
     """
     if forward is None and isinstance(batch, (tuple, list)) and len(batch) > 1:
         warnings.warn(
@@ -217,6 +218,12 @@ def init_weight_norm(model: nn.Module, batch: Any, eps: float = 1e-6, *, forward
                 f"got output shape {tuple(out.shape)}"
             )
         var, mean = torch.var_mean(t, dim=dims, correction=0)
+        if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
+            # NaN or Inf in the batch (or values whose squares overflow): no gain or bias from it.
+            raise ValueError(
+                f"init_weight_norm: expected finite pre-activations at {names[module] or '<model>'}, got "
+                "non-finite statistics (NaN or Inf in the batch?); every gain and bias is left as it was"
+            )
         sigma = torch.sqrt(var + eps)
         g = module.parametrizations.weight.original0
         gain = 1.0 / sigma
