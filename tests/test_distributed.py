@@ -479,12 +479,12 @@ def test_sync_rejects_subclasses_and_lazy_layers_without_changing_the_model() ->
         normlab.sync(model, process_group="world")
 
 
-def test_batchnorm_rejects_an_empty_training_batch_without_touching_state() -> None:
-    layer = normlab.BatchNorm(3)
-    before = _state(layer)
-    with pytest.raises(ValueError, match=r"BatchNorm: expected more than 1 value per channel"):
-        layer(torch.empty(0, 3))
-    assert all(torch.equal(a, b) for a, b in zip(_state(layer).values(), before.values()))
+def test_batchnorm_takes_an_empty_training_batch_as_torch_does() -> None:
+    # Drop-in for torch's layer: an empty output, and the state torch's layer is left with.
+    layer, ref = normlab.BatchNorm(3), nn.BatchNorm1d(3)
+    assert layer(torch.empty(0, 3)).shape == ref(torch.empty(0, 3)).shape == (0, 3)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], value), key
     assert layer.eval()(torch.empty(0, 3)).shape == (0, 3)
 
 

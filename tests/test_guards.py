@@ -255,3 +255,39 @@ def test_newton_warns_on_a_rank_deficient_covariance():
         warnings.simplefilter("error")
         normlab.DecorrelatedBatchNorm(8, group_size=8, method="newton")(torch.randn(32, 8))
         normlab.DecorrelatedBatchNorm(8, group_size=8)(torch.randn(6, 8))  # zca: exact at any rank
+
+
+# ----------------------------------------------------------------------------- torch's conventions
+@pytest.mark.parametrize("kind", GUARDED)
+def test_bias_false_as_torch(kind):
+    """torch >= 2.13's BatchNorm(bias=False): a learnable scale, no shift; convert keeps it."""
+    src = nn.BatchNorm2d(6)
+    try:
+        src = nn.BatchNorm2d(6, bias=False)
+    except TypeError:
+        pytest.skip("this torch's BatchNorm has no bias keyword")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = normlab.convert(nn.Sequential(src), kind if kind != "bn" else "bn")[0]
+        if kind not in ("bn",):
+            assert type(layer)(6, bias=False).bias is None
+        assert layer.bias is None and layer.weight is not None and "bias=False" in repr(layer)
+        y = layer(_batch(0))
+        y.square().mean().backward()
+    assert layer.weight.grad is not None
+    assert "bias" not in layer.state_dict()
+
+
+def test_empty_batch():
+    y = normlab.BatchNorm(6)(torch.randn(0, 6, 3, 3))  # as torch's layer: an empty output
+    assert y.shape == (0, 6, 3, 3)
+    for kind in ("brn", "dbn", "mobn"):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            make_norm(kind, 6)(torch.randn(0, 6, 3, 3))
+
+
+def test_messages_name_the_tool_and_the_way_out():
+    with pytest.warns(UserWarning, match="source='gn'"):
+        normlab.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), "bn")
+    with pytest.warns(UserWarning, match="^adapt: the model has no normalization layer"):
+        normlab.adapt(nn.Linear(3, 3), [torch.randn(4, 3)])

@@ -17,7 +17,16 @@ import torch
 from torch import nn
 
 from .batches import Forward
-from .population import check_mode, collect, finish, layers_or_warn, load_all, recompute_statistics, restore, snapshot
+from .population import (
+    check_mode,
+    collect,
+    finish,
+    layers_or_warn,
+    load_all,
+    population_statistics,
+    restore,
+    snapshot,
+)
 
 __all__ = ["adapt"]
 
@@ -57,9 +66,7 @@ def adapt(
     check_mode(who, mode, ("one-pass", "layerwise"))
     check_mode(who, pooling, ("average", "exact"), "pooling")
     if mode == "one-pass":
-        return recompute_statistics(
-            model, target_batches, mode=pooling, progress=progress, forward=forward, device=device
-        )
+        return population_statistics(model, target_batches, pooling, progress, forward, device, who)
     if iter(target_batches) is target_batches:
         raise ValueError(
             "adapt: mode='layerwise' passes over the batches once per layer; expected a re-iterable "

@@ -338,6 +338,8 @@ class NormBase(ToolState, nn.Module):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         check_settings(type(self).__name__, num_features, eps, momentum)
@@ -352,8 +354,9 @@ class NormBase(ToolState, nn.Module):
         self.track_running_stats = track_running_stats
         self._init_tool_state()
         if affine:
+            # bias=False (torch >= 2.13's keyword): a learnable scale without a shift.
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -422,12 +425,13 @@ class NormBase(ToolState, nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - torch's signature

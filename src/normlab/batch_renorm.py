@@ -88,6 +88,7 @@ class BatchRenorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         r_max: Limit = 3.0,
         d_max: Limit = 5.0,
     ) -> None:
@@ -100,7 +101,7 @@ class BatchRenorm(NormBase):
             raise ValueError(f"BatchRenorm: expected r_max >= 1 or a callable of the step, got {r_max!r}")
         if not callable(d_max) and not (isinstance(d_max, (int, float)) and d_max >= 0):
             raise ValueError(f"BatchRenorm: expected d_max >= 0 or a callable of the step, got {d_max!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.r_max = r_max
         self.d_max = d_max
 

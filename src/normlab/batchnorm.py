@@ -55,6 +55,8 @@ class BatchNorm(ToolState, nn.modules.batchnorm._BatchNorm):
         group = self.sync_group() if use_batch else None
         if group is None:
             self._check_input_dim(input)
+            if input.numel() == 0:
+                return super().forward(input)  # an empty output, as torch's layer gives (it counts the step)
             check_input(self, input, self.num_features, training=use_batch)
             if not (self.training and self.track_running_stats and self.running_mean is not None):
                 return super().forward(input)

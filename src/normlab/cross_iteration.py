@@ -151,6 +151,7 @@ class CrossIterationBatchNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         window: int = 8,
         burn_in: int = 0,
     ) -> None:
@@ -158,7 +159,7 @@ class CrossIterationBatchNorm(NormBase):
             raise ValueError(f"CrossIterationBatchNorm: expected window to be an int >= 1, got {window!r}")
         if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
             raise ValueError(f"CrossIterationBatchNorm: expected burn_in to be an int >= 0, got {burn_in!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.window = window
         self.burn_in = burn_in
         object.__setattr__(self, "_producer", None)

@@ -151,6 +151,7 @@ class DecorrelatedBatchNorm(NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         group_size: int = 16,
         method: str = "zca",
         iterations: int = 5,
@@ -159,7 +160,7 @@ class DecorrelatedBatchNorm(NormBase):
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"{name}: expected group_size to be a positive int, got {group_size!r}")
         _check_method(name, method, iterations)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.group_size = group_size
         self.method = method
         self.iterations = iterations

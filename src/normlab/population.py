@@ -52,6 +52,7 @@ __all__ = [
     "load_all",
     "check_mode",
     "layers_or_warn",
+    "population_statistics",
     "snapshot",
     "restore",
 ]
@@ -269,7 +270,7 @@ def layers_or_warn(model: nn.Module, who: str) -> list[tuple[str, nn.Module]]:
         raise TypeError(f"{who}: expected an nn.Module, got {type(model).__name__}")
     layers = stat_layers(model)
     if not layers:
-        warnings.warn(f"{who}: the model has no normalization layer with running statistics", stacklevel=3)
+        warnings.warn(f"{who}: the model has no normalization layer with running statistics", stacklevel=4)
     return layers
 
 
@@ -306,7 +307,19 @@ def recompute_statistics(
 
     Returns ``model`` (modified in place).
     """
-    who = "recompute_statistics"
+    return population_statistics(model, batches, mode, progress, forward, device, "recompute_statistics")
+
+
+def population_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    mode: str,
+    progress: bool,
+    forward: Forward | None,
+    device: torch.device | str | None,
+    who: str,
+) -> nn.Module:
+    """:func:`recompute_statistics` for a tool named ``who`` (in its messages)."""
     check_mode(who, mode, ("average", "exact"))
     layers = layers_or_warn(model, who)
     if not layers:

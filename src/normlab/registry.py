@@ -244,7 +244,10 @@ def convert(
         rep.converted.append((name, type(layer).__name__, type(new).__name__))
         log.info("normlab.convert: %s: %s -> %s", name or "<model>", type(layer).__name__, type(new).__name__)
     if not targets:
-        warnings.warn(f"convert: found no normalization layer to convert to {to!r}", stacklevel=2)
+        hint = ""
+        if source is None and any(isinstance(m, nn.GroupNorm) for m in model.modules()):
+            hint = " (GroupNorm layers are converted only when named: source='gn')"
+        warnings.warn(f"convert: found no normalization layer to convert to {to!r}{hint}", stacklevel=2)
     if kind.finalize is not None:
         kind.finalize(model, rep, kwargs)
     return (model, rep) if report else model

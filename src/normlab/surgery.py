@@ -14,22 +14,26 @@ def common_settings(layer: nn.Module) -> dict[str, Any]:
     """The torch-convention constructor settings of a normalization layer.
 
     ``num_features``, ``eps``, ``affine``, ``track_running_stats``, ``device`` and ``dtype`` (the
-    latter two from its parameters or buffers). ``momentum`` is not carried: each kind keeps its own
-    default unless the caller passes one.
+    latter two from its parameters or buffers), and ``bias=False`` for an affine layer without a
+    bias. ``momentum`` is not carried: each kind keeps its own default unless the caller passes one.
     """
     num = getattr(layer, "num_features", None) or getattr(layer, "num_channels", None)
     tensors = [t for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False)) if t is not None]
     floats = [t for t in tensors if t.is_floating_point()]
     params = list(layer.parameters(recurse=False))
     ref = params[0] if params else (floats[0] if floats else None)
-    return {
+    affine = bool(getattr(layer, "affine", getattr(layer, "elementwise_affine", True)))
+    settings = {
         "num_features": int(num),
         "eps": float(getattr(layer, "eps", 1e-5)),
-        "affine": bool(getattr(layer, "affine", getattr(layer, "elementwise_affine", True))),
+        "affine": affine,
         "track_running_stats": bool(getattr(layer, "track_running_stats", True)),
         "device": ref.device if ref is not None else None,
         "dtype": ref.dtype if ref is not None else None,
     }
+    if affine and getattr(layer, "weight", None) is not None and getattr(layer, "bias", None) is None:
+        settings["bias"] = False  # a scale without a shift (torch >= 2.13's bias=False)
+    return settings
 
 
 @torch.no_grad()
