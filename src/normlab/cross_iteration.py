@@ -250,6 +250,13 @@ class CrossIterationBatchNorm(NormBase):
                 setattr(self, name, torch.zeros(shape, dtype=ref.dtype, device=ref.device))
         self.window_count.zero_()
 
+    def reset_running_stats(self) -> None:
+        """Reset as BatchNorm does, and the window and ``num_steps`` (the burn-in starts again)."""
+        super().reset_running_stats()
+        if "num_steps" in self._buffers:  # (NormBase's constructor calls this before they exist)
+            self.reset_window()
+            self.num_steps.zero_()
+
     def _window_matches(self) -> bool:
         w_shape, mu_shape, nb = self._slot_shapes()
         return (
@@ -409,8 +416,8 @@ class CrossIterationBatchNorm(NormBase):
             self.window_weight[slot],
             self.window_bias[slot] if self.window_bias.size(1) else None,
         )
-        self.window_intercept[0, slot] = mean_0[0]
-        self.window_intercept[1, slot] = sqmean_0[0]
+        self.window_intercept[0][slot] = mean_0[0]  # (a SymInt slot under compile indexes one axis at a time)
+        self.window_intercept[1][slot] = sqmean_0[0]
 
 
 # ----------------------------------------------------------------------------------- functional core
