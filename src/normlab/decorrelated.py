@@ -84,7 +84,7 @@ from .base import BatchStats, Moments, NormBase
 from .checks import check_global_count, check_input, keyword_options
 from .comm import global_sum
 from .dispatch import FusedStep
-from .kernels import accumulation_dtype, buffer_dtype, ema, running_update, stat_dtype
+from .kernels import accumulation_dtype, buffer_dtype, ema, params_in, running_update, stat_dtype
 
 __all__ = [
     "DecorrelatedBatchNorm",
@@ -550,9 +550,10 @@ def _step_forward(
     eps: float,
     method: str,
     iterations: int,
-) -> tuple[Tensor, ...]:
-    """``(y, mean, cov, W, xa, *saved)`` of the local step: ``xa`` (the centred input, sample-major) and
-    ``saved`` (the eigendecomposition, or the Newton iterates) are what the backward reads."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, cov, W, xa, mats, vec)`` of the local step: ``xa`` (the centred input, sample-major),
+    ``mats`` and ``vec`` (the eigenvectors ``(1, G, g, g)`` and ``sqrt(lambda)``, or the Newton iterates
+    and the traces) are what the backward reads."""
     c = x.size(1)
     xv = _grouped(x.to(stat_dtype(x)), G, g)
     m = xv.numel() // (G * g)
@@ -562,11 +563,11 @@ def _step_forward(
     mask = _pad_mask(c, G, g, cov)
     sigma = _regularized(cov, eps, mask, method)
     if method == "newton":
-        W, saved = _newton_forward(sigma, iterations, mask)
+        W, (mats, vec) = _newton_forward(sigma, iterations, mask)
     else:
-        s, D = _eig(sigma, eps)
-        W = _zca_forward(D, s) if method == "zca" else _pca_forward(D, s)
-        saved = (D, s)
+        vec, D = _eig(sigma, eps)
+        W = _zca_forward(D, vec) if method == "zca" else _pca_forward(D, vec)
+        mats = D.unsqueeze(0).contiguous()  # (eigh returns column-major eigenvectors)
     A = W if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0).unsqueeze(-1) * W
     beta = W.new_zeros(G, g) if bias is None else _pad_vector(bias.to(W.dtype), G, g, 0.0)
     if xa.dim() == 4 and G * g == c and x.dtype == W.dtype:
@@ -575,20 +576,31 @@ def _step_forward(
         _affine(A, beta, xa, out=y.view(xa.size(0) * G, g, xa.size(2)))
     else:
         y = _fresh(_ungrouped(_affine(A, beta, xa), x.shape).to(x.dtype))
-    return (y, mean.reshape(-1)[:c], cov, W, xa, *saved)
+    return y, mean.reshape(-1)[:c].clone(), cov, W, xa, mats, vec
+
+
+def _step_fake(x, weight, bias, G, g, eps, method, iterations):  # noqa: ANN001, ANN202
+    n, sdt = x.size(0), stat_dtype(x)
+    xa = x.new_empty((n, G, g + 1) if x.dim() == 2 else (n, G, math.prod(x.shape[2:]), g), dtype=sdt)
+    k = 3 * (iterations - 1) + 2 if method == "newton" else 1
+    mat = x.new_empty((G, g, g), dtype=sdt)
+    vec = x.new_empty((G, 1, 1) if method == "newton" else (G, g), dtype=sdt)
+    y = x.new_empty(x.shape)
+    return y, x.new_empty(x.size(1), dtype=sdt), mat, mat.clone(), xa, x.new_empty((k, G, g, g), dtype=sdt), vec
 
 
 def _step_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest: tuple, outputs) -> None:  # noqa: ANN001
-    _, _, cov, W, xa, *saved = outputs
+    _, _, cov, W, xa, mats, vec = outputs
     G, g, eps, method, iterations = rest
-    gamma = None if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0)
-    ctx.save_for_backward(xa, W, gamma, *saved)
+    (weight,) = params_in(W.dtype, weight)  # no op that returns its input (a same-dtype .to) in a setup
+    gamma = None if weight is None else _pad_vector(weight, G, g, 1.0)
+    ctx.save_for_backward(xa, W, gamma, mats, vec)
     m = x.numel() // x.size(1)
     ctx.setup = (x.shape, x.dtype, m, _pad_mask(x.size(1), G, g, cov), method, _dtype(weight), _dtype(bias))
 
 
 def _step_backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
-    xa, W, gamma, *saved = ctx.saved_tensors
+    xa, W, gamma, mats, vec = ctx.saved_tensors
     shape, dtype, m, mask, method, w_dtype, b_dtype = ctx.setup
     G, g = W.shape[:2]
     c = shape[1]
@@ -601,10 +613,9 @@ def _step_backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tenso
     A = W if gamma is None else gamma.unsqueeze(-1) * W
     gW = P if gamma is None else gamma.unsqueeze(-1) * P
     if method == "newton":
-        g_sigma = _newton_backward(tuple(saved), gW, mask)
+        g_sigma = _newton_backward((mats, vec), gW, mask)
     else:
-        D, s = saved
-        g_sigma = (_zca_backward if method == "zca" else _pca_backward)(D, s, gW)
+        g_sigma = (_zca_backward if method == "zca" else _pca_backward)(mats[0], vec, gW)
     if mask is not None:
         g_sigma = g_sigma * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
     # d/dXc of W Xc and of Xc Xc^T / m; the mean's backward subtracts the mean gradient,
@@ -623,6 +634,7 @@ _STEP = FusedStep(
     _step_forward,
     _step_setup,
     _step_backward,
+    _step_fake,
     layer="DecorrelatedBatchNorm",
     refusal=_SECOND_ORDER,
 )
@@ -633,8 +645,13 @@ def _dtype(t: Tensor | None) -> torch.dtype | None:
 
 
 def _fresh(y: Tensor) -> Tensor:
-    """``y`` as a tensor of its own: a step's output must not be a view (in-place ops on it would fail)."""
-    return y if y._base is None else y.clone(memory_format=torch.contiguous_format)
+    """``y`` as a tensor of its own: a step's output must not be a view (in-place ops on it would fail).
+
+    Judged by its storage, not ``_base`` (which tracing modes do not always set): contiguous, and the
+    whole of its storage."""
+    size = y.numel() * y.element_size()
+    owns = y.is_contiguous() and y.storage_offset() == 0 and y.untyped_storage().nbytes() == size
+    return y if owns else y.clone(memory_format=torch.contiguous_format)
 
 
 def _check_method(name: str, method: str, iterations: int) -> None:
@@ -694,21 +711,24 @@ def _newton(sigma: Tensor, iterations: int, mask: Tensor | None) -> Tensor:
     return P / trace.sqrt()
 
 
-def _newton_forward(sigma: Tensor, iterations: int, mask: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """:func:`_newton` without autograd, keeping what :func:`_newton_backward` needs."""
+def _newton_forward(sigma: Tensor, iterations: int, mask: Tensor | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """:func:`_newton` without autograd, keeping what :func:`_newton_backward` needs.
+
+    ``saved`` is ``(mats, trace)``: ``mats`` (3 (T - 1) + 2, B, g, g) holds each step's ``P``, ``P P``
+    and ``(P P) P``, then ``P_T`` and ``Sigma_N``, written in place as the iteration runs.
+    """
     diag = sigma.diagonal(dim1=-2, dim2=-1)
     trace = (diag if mask is None else diag * mask).sum(-1).reshape(-1, 1, 1)
-    sigma_n = sigma / trace
+    mats = sigma.new_empty((3 * (iterations - 1) + 2, *sigma.shape))
+    sigma_n = torch.div(sigma, trace, out=mats[-1])
     # The first step from P_0 = I is 1.5 I - 0.5 Sigma_N: no products.
-    P = torch.diag_embed(torch.full(sigma.shape[:-1], 1.5, dtype=sigma.dtype, device=sigma.device))
-    P = P.sub_(sigma_n, alpha=0.5)
-    steps: list[Tensor] = []
-    for _ in range(iterations - 1):
-        PP = P @ P
-        Q = PP @ P
-        steps += [P, PP, Q]
-        P = torch.baddbmm(P, Q, sigma_n, beta=1.5, alpha=-0.5)
-    return P / trace.sqrt(), (*steps, P, sigma_n, trace)
+    first = torch.diag_embed(torch.full(sigma.shape[:-1], 1.5, dtype=sigma.dtype, device=sigma.device))
+    P = torch.sub(first, sigma_n, alpha=0.5, out=mats[0] if iterations > 1 else mats[-2])
+    for k in range(iterations - 1):
+        PP = torch.bmm(P, P, out=mats[3 * k + 1])
+        Q = torch.bmm(PP, P, out=mats[3 * k + 2])
+        P = torch.baddbmm(P, Q, sigma_n, beta=1.5, alpha=-0.5, out=mats[3 * k + 3] if k < iterations - 2 else mats[-2])
+    return P / trace.sqrt(), (mats, trace)
 
 
 def _newton_backward(saved: tuple[Tensor, ...], gW: Tensor, mask: Tensor | None) -> Tensor:
@@ -718,7 +738,8 @@ def _newton_backward(saved: tuple[Tensor, ...], gW: Tensor, mask: Tensor | None)
     ``dL/dQ = -0.5 G S^T``, ``dL/d(PP) = dL/dQ P^T`` and ``dL/dP = 1.5 G + (PP)^T dL/dQ + dL/d(PP) P^T
     + P^T dL/d(PP)``: six small GEMMs per step, the same products autograd forms, without its graph.
     """
-    *steps, P_T, sigma_n, trace = saved
+    mats, trace = saved
+    *steps, P_T, sigma_n = mats.unbind(0)
     root = trace.sqrt()
     G = gW / root
     g_trace = -0.5 * (gW * P_T).sum((-2, -1), keepdim=True) / (trace * root)

@@ -35,7 +35,7 @@ from torch import Tensor
 from .base import BatchStats, NormBase, write_statistics
 from .comm import global_sum
 from .dispatch import FusedStep
-from .kernels import channel_shape, ema, memory_format_of, reduce_dims, stat_dtype
+from .kernels import channel_shape, ema, memory_format_of, params_in, reduce_dims, stat_dtype
 
 __all__ = ["MeanOnlyBatchNorm", "mean_only_batch_norm"]
 
@@ -199,7 +199,8 @@ def _step_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[T
 
 def _step_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest: tuple, outputs) -> None:  # noqa: ANN001
     mean = outputs[1]
-    ctx.save_for_backward(x, None if weight is None else weight.to(mean.dtype), mean)
+    # params_in: no op that returns its input (a same-dtype .to), which a custom op's setup may not run.
+    ctx.save_for_backward(x, params_in(mean.dtype, weight)[0], mean)
     ctx.param_dtype = None if weight is None else weight.dtype
 
 
