@@ -186,7 +186,14 @@ class ToolState:
         if torch.compiler.is_compiling():
             return True
         flat = [t for t in _tensors(tensors) if t.is_floating_point()]
-        if not flat or bool(torch.stack([t.isfinite().all() for t in flat]).all()):
+        if not flat:
+            return True
+        # One sum: NaN and Inf propagate through it (Inf - Inf is NaN), and it is cheaper than an
+        # isfinite per tensor. Statistics so large that their sum overflows count as non-finite too.
+        total = flat[0].sum(dtype=torch.float64 if flat[0].dtype == torch.float64 else torch.float32)
+        for t in flat[1:]:
+            total = total + t.sum(dtype=total.dtype)
+        if bool(total.isfinite()):
             return True
         message = (
             f"{layer_name(self)}: a training batch gave non-finite statistics (NaN or Inf in the input, or "
