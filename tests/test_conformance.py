@@ -263,3 +263,25 @@ def test_mean_only_follows_its_formula_on_torch_inputs(name):
                 assert layer.running_var is None and math.isclose(
                     float(layer.num_batches_tracked), float(ref.num_batches_tracked)
                 )
+
+
+@pytest.mark.parametrize("kind", [*CONFIGS, "mobn", "dbn-g4"])
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last_kept_and_batched_gradients(kind, training):
+    """As torch's layer: a channels_last input gives channels_last output and gradient; gradients for a
+    batch of incoming gradients at once (is_grads_batched, i.e. vmap over the backward) equal a loop."""
+    extra = {"mobn": (normlab.MeanOnlyBatchNorm, {}), "dbn-g4": (normlab.DecorrelatedBatchNorm, {"group_size": 4})}
+    cls, options = extra.get(kind) or CONFIGS[kind]
+    layer = cls(6, **options, dtype=D).train(training)
+    layer(torch.randn(8, 6, 3, 3, dtype=D))  # some running statistics
+    x = torch.randn(8, 6, 3, 3, dtype=D).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = layer(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    grads = torch.randn(3, *y.shape, dtype=D)
+    (batched,) = torch.autograd.grad(y, x, grads, is_grads_batched=True, retain_graph=True)
+    one_by_one = torch.stack([torch.autograd.grad(y, x, g, retain_graph=True)[0] for g in grads])
+    torch.testing.assert_close(batched, one_by_one)
+    # In a channels_last model the incoming gradient is channels_last too; the input's gradient stays so
+    # (but for DBN's eval, composed of grouping reshapes: documented in docs/conventions.md).
+    (gx,) = torch.autograd.grad(y, x, grads[0].contiguous(memory_format=torch.channels_last))
+    assert gx.is_contiguous(memory_format=torch.channels_last) or (kind.startswith("dbn") and not training)

@@ -42,8 +42,8 @@ from .kernels import (
     channel_affine,
     channel_moments,
     constant,
+    in_format_of,
     inference_batch_norm,
-    memory_format_of,
     stats_and_output_buffer,
 )
 
@@ -368,7 +368,7 @@ def _step_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, T
     # Gradients of batch normalization with weight gamma r, through mu_B and sigma_B, with r and
     # d constant, as the paper prescribes; then dL/dgamma = r dL/d(gamma r) + d dL/d(gamma d + beta).
     gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-        grad_y.contiguous(memory_format=memory_format_of(x)),
+        in_format_of(grad_y, x),
         x,
         w_eff,
         None,

@@ -65,8 +65,8 @@ from .kernels import (
     channel_affine,
     channel_moments,
     channel_shape,
+    in_format_of,
     inference_batch_norm,
-    memory_format_of,
     params_in,
     running_update,
     stat_dtype,
@@ -660,7 +660,7 @@ def _pooled_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None,
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     gamma = torch.ones_like(invstd) if weight is None else weight.to(invstd.dtype)
     gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-        grad_y.contiguous(memory_format=memory_format_of(x)),
+        in_format_of(grad_y, x),
         x,
         gamma / n,
         None,

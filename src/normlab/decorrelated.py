@@ -84,7 +84,16 @@ from .base import BatchStats, Moments, NormBase
 from .checks import check_global_count, check_input, keyword_options
 from .comm import global_sum
 from .dispatch import FusedStep
-from .kernels import accumulation_dtype, buffer_dtype, ema, params_in, running_update, stat_dtype
+from .kernels import (
+    accumulation_dtype,
+    buffer_dtype,
+    ema,
+    in_format_of,
+    memory_format_of,
+    params_in,
+    running_update,
+    stat_dtype,
+)
 
 __all__ = [
     "DecorrelatedBatchNorm",
@@ -183,7 +192,7 @@ class DecorrelatedBatchNorm(NormBase):
         A, b = self._grouped_affine(torch.promote_types(stat_dtype(x), self.running_whitening.dtype))
         xv = _grouped(x.to(A.dtype), self.num_groups, self.padded_group_size)
         y = _apply(A, xv).add_(_expand(b, xv))
-        return _ungrouped(y, x.shape).to(x.dtype)
+        return _like_input(_ungrouped(y, x.shape).to(x.dtype), x)
 
     def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
         m, g = x.numel() // x.size(1), self.padded_group_size
@@ -416,7 +425,7 @@ def decorrelated_batch_norm(
             raise ValueError("decorrelated_batch_norm: expected running_mean and running_whitening when training=False")
         A, b = _running_affine(running_mean, running_whitening, weight, bias, G, g, running_whitening.dtype)
         xv = _grouped(x.to(A.dtype), G, g)
-        return _ungrouped(_apply(A, xv).add_(_expand(b, xv)), x.shape).to(x.dtype)
+        return _like_input(_ungrouped(_apply(A, xv).add_(_expand(b, xv)), x.shape).to(x.dtype), x)
     check_input("decorrelated_batch_norm", x, x.size(1), process_group is None)
     y, mean, cov, W, count = _batch_step(x, weight, bias, G, g, eps, method, iterations, process_group)
     if momentum is not None and running_mean is not None:
@@ -499,7 +508,8 @@ def _batch_step(
     y = _apply(A, xv - _expand(mean, xv))
     if bias is not None:
         y = y + _expand(_pad_vector(bias.to(W.dtype), G, g, 0.0), y)
-    return _ungrouped(y, x.shape).to(x.dtype), mean.detach().reshape(-1)[:c], cov.detach(), W.detach(), count
+    y = _like_input(_ungrouped(y, x.shape).to(x.dtype), x)
+    return y, mean.detach().reshape(-1)[:c], cov.detach(), W.detach(), count
 
 
 @torch.no_grad()
@@ -576,7 +586,7 @@ def _step_forward(
         _affine(A, beta, xa, out=y.view(xa.size(0) * G, g, xa.size(2)))
     else:
         y = _fresh(_ungrouped(_affine(A, beta, xa), x.shape).to(x.dtype))
-    return y, mean.reshape(-1)[:c].clone(), cov, W, xa, mats, vec
+    return _like_input(y, x), mean.reshape(-1)[:c].clone(), cov, W, xa, mats, vec
 
 
 def _step_fake(x, weight, bias, G, g, eps, method, iterations):  # noqa: ANN001, ANN202
@@ -585,7 +595,7 @@ def _step_fake(x, weight, bias, G, g, eps, method, iterations):  # noqa: ANN001,
     k = 3 * (iterations - 1) + 2 if method == "newton" else 1
     mat = x.new_empty((G, g, g), dtype=sdt)
     vec = x.new_empty((G, 1, 1) if method == "newton" else (G, g), dtype=sdt)
-    y = x.new_empty(x.shape)
+    y = torch.empty_like(x, memory_format=memory_format_of(x))
     return y, x.new_empty(x.size(1), dtype=sdt), mat, mat.clone(), xa, x.new_empty((k, G, g, g), dtype=sdt), vec
 
 
@@ -597,6 +607,7 @@ def _step_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest
     ctx.save_for_backward(xa, W, gamma, mats, vec)
     m = x.numel() // x.size(1)
     ctx.setup = (x.shape, x.dtype, m, _pad_mask(x.size(1), G, g, cov), method, _dtype(weight), _dtype(bias))
+    ctx.memory_format = memory_format_of(x)
 
 
 def _step_backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
@@ -622,7 +633,10 @@ def _step_backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tenso
     # which is A^T mean(dL/dy) because Xc sums to zero: one GEMM over Xc (with that shift), one over dL/dy.
     shift = -(A.mT @ gsum.unsqueeze(-1)) / m
     gx = _input_grad((g_sigma + g_sigma.mT) / m, shift.squeeze(-1), A.mT, gv, xa)
-    return _ungrouped(gx, shape).to(dtype), g_weight, g_bias
+    gx = _ungrouped(gx, shape).to(dtype)
+    if ctx.memory_format is not torch.contiguous_format:  # as the input is laid out
+        gx = in_format_of(gx, ctx.memory_format)
+    return gx, g_weight, g_bias
 
 
 _SECOND_ORDER = (
@@ -642,6 +656,12 @@ _STEP = FusedStep(
 
 def _dtype(t: Tensor | None) -> torch.dtype | None:
     return None if t is None else t.dtype
+
+
+def _like_input(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` in ``x``'s memory format (channels_last stays channels_last, as with torch's layers)."""
+    fmt = memory_format_of(x)
+    return y if fmt is torch.contiguous_format else in_format_of(y, fmt)
 
 
 def _fresh(y: Tensor) -> Tensor:
@@ -870,21 +890,23 @@ def _scatter(xa: Tensor, g: int) -> Tensor:
         rows = xa.transpose(0, 1)[..., :g]
         return torch.bmm(rows.mT, rows)
     flat = xa.flatten(0, 1)
-    return torch.bmm(flat.mT, flat).unflatten(0, xa.shape[:2]).sum(0)
+    return torch.bmm(flat.mT, flat).reshape(*xa.shape[:2], g, g).sum(0)
 
 
-def _affine(M: Tensor, b: Tensor, xa: Tensor, out: Tensor | None = None) -> Tensor:
+def _affine(M: Tensor, b: Tensor, xa: Tensor, out: Tensor | None = None, flat: bool = False) -> Tensor:
     """Per group, ``M_k Xc + b_k`` for ``M`` (G, g, g) and ``b`` (G, g), in the grouped layout (N, G, g[, L]).
 
     For 2-D input the GEMM is group-major and the result a transposed view of it (a GEMM writing each
     group's block into the (N, C) result in place is several times slower than one contiguous GEMM and
-    a transposing copy). For spatial input the GEMM writes into ``out`` (N * G, g, L) when given."""
+    a transposing copy). For spatial input the GEMM writes into ``out`` (N * G, g, L) when given, and
+    ``flat`` returns it in that shape."""
     if xa.dim() == 3:
         return torch.bmm(xa.transpose(0, 1), torch.cat([M, b.unsqueeze(-1)], -1).mT).transpose(0, 1)
     n = xa.size(0)
     args = (_per_sample(b.unsqueeze(-1), n), _per_sample(M, n), xa.flatten(0, 1).mT)
     out = torch.baddbmm(*args) if out is None else torch.baddbmm(*args, out=out)
-    return out.unflatten(0, xa.shape[:2])
+    # reshape, not unflatten: batched gradients (is_grads_batched, vmap) have a rule for it
+    return out if flat else out.reshape(*xa.shape[:2], *out.shape[1:])
 
 
 def _grad_products(gv: Tensor, xa: Tensor) -> tuple[Tensor, Tensor]:
@@ -893,19 +915,20 @@ def _grad_products(gv: Tensor, xa: Tensor) -> tuple[Tensor, Tensor]:
     if gv.dim() == 3:
         Pa = torch.bmm(gv.transpose(0, 1).mT, xa.transpose(0, 1))
         return Pa[..., :g], Pa[..., g]
-    P = torch.bmm(gv.reshape(n * G, g, -1), xa.flatten(0, 1)).unflatten(0, (n, G)).sum(0)
+    P = torch.bmm(gv.reshape(n * G, g, -1), xa.flatten(0, 1)).reshape(n, G, g, g).sum(0)
     return P, gv.sum((0, 3))
 
 
 def _input_grad(M: Tensor, b: Tensor, At: Tensor, gv: Tensor, xa: Tensor) -> Tensor:
     """Per group, ``M_k Xc + b_k + At_k dL/dy`` in the grouped layout (N, G, g[, L])."""
-    out = _affine(M, b, xa)
-    # Accumulated into the contiguous GEMM result that _affine's output is a view of.
+    # Accumulated into the contiguous GEMM result of _affine.
     if gv.dim() == 3:
+        out = _affine(M, b, xa)
         out.transpose(0, 1).baddbmm_(gv.transpose(0, 1), At.mT)
-    else:
-        out.flatten(0, 1).baddbmm_(_per_sample(At, gv.size(0)), gv.flatten(0, 1))
-    return out
+        return out
+    n, G = xa.shape[:2]
+    out = _affine(M, b, xa, flat=True).baddbmm_(_per_sample(At, n), gv.reshape(n * G, *gv.shape[2:]))
+    return out.reshape(n, G, *out.shape[1:])
 
 
 def _pad_mask(num_features: int, G: int, g: int, like: Tensor) -> Tensor | None:

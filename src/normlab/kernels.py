@@ -31,6 +31,7 @@ __all__ = [
     "constant",
     "memory_format_of",
     "channel_shape",
+    "in_format_of",
     "channel_affine",
     "ema",
     "running_update",
@@ -243,6 +244,21 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def in_format_of(t: Tensor, x: Tensor | torch.memory_format) -> Tensor:
+    """``t`` (a gradient, an output) laid out as ``x`` is (or in the memory format ``x``).
+
+    Under vmap (``is_grads_batched``) a batched tensor cannot be asked for a memory format other than
+    the contiguous one: it is left as it is (torch's kernels accept any layout).
+    """
+    fmt = x if isinstance(x, torch.memory_format) else memory_format_of(x)
+    if fmt is torch.contiguous_format:
+        return t.contiguous()
+    try:
+        return t.contiguous(memory_format=fmt)
+    except RuntimeError:  # a batched tensor: "NYI: querying is_contiguous inside of vmap"
+        return t
 
 
 def channel_affine(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

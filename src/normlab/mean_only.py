@@ -35,7 +35,7 @@ from torch import Tensor
 from .base import BatchStats, NormBase, write_statistics
 from .comm import global_sum
 from .dispatch import FusedStep
-from .kernels import channel_shape, ema, memory_format_of, params_in, reduce_dims, stat_dtype
+from .kernels import channel_shape, ema, in_format_of, params_in, reduce_dims, stat_dtype
 
 __all__ = ["MeanOnlyBatchNorm", "mean_only_batch_norm"]
 
@@ -209,7 +209,7 @@ def _step_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, T
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     # The kernel only for the per-channel sums (dL/dweight = sum dL/dy (x - mu), dL/dbias = sum dL/dy):
     # its input gradient would take a second pass to correct for mu_B.
-    g = grad_y.contiguous(memory_format=memory_format_of(x))
+    g = in_format_of(grad_y, x)
     _, gw, gb = torch.ops.aten.native_batch_norm_backward(
         g, x, w, mean, torch.ones_like(mean), None, None, False, 0.0, [False, need_w, True]
     )
