@@ -69,19 +69,7 @@ def test_bf16_autocast_trains(kind):
     assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
 
 
-def _compile_marks(kind: str) -> list:
-    if kind == "cbn":
-        return [
-            pytest.mark.xfail(
-                strict=True,
-                reason="CrossIterationBatchNorm reads its burn-in and window counters on the host (see "
-                "docs/conventions.md): no full graph yet",
-            )
-        ]
-    return []
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=_compile_marks(k)) for k in STAT_KINDS])
+@pytest.mark.parametrize("kind", STAT_KINDS)
 def test_compile_fullgraph_trains_as_eager(kind):
     torch._dynamo.reset()
     eager = _model(kind)

@@ -636,3 +636,30 @@ def test_synchronized_path_matches_local_on_one_process(tmp_path):
     finally:
         if owns:
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("burn_in", [0, 2])
+def test_torch_compile_fullgraph_matches_eager(burn_in):
+    """Compiled, the burn-in and the window's fill are decided in tensors (no count on the host): the
+    same outputs, gradients, window and counters as eager, through the burn-in and the window's fill."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    model = nn.Sequential(conv, CrossIterationBatchNorm(8, window=3, burn_in=burn_in).attach(conv))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    for step in range(6):
+        x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(step))
+        y, y_ref = compiled(x), eager(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        y.square().mean().backward()
+        y_ref.square().mean().backward()
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5)
+                p.sub_(0.01 * p.grad)
+                q.sub_(0.01 * q.grad)
+                p.grad = q.grad = None
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
+    assert int(model[1].num_steps) == 6 and int(model[1].window_count) == 6 - burn_in

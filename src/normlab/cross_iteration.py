@@ -291,7 +291,7 @@ class CrossIterationBatchNorm(NormBase):
             self.num_steps.zero_()
         elif has_window and self.producer is not None and self._window_matches():
             for slot in range(min(self.window_intercept.size(1), self.window_mean.size(0))):
-                self._store_intercepts(slot)
+                self._store_intercepts(torch.tensor([slot], device=self.window_mean.device))
 
     def extra_repr(self) -> str:
         name = None if self.producer is None else type(self.producer).__name__
@@ -303,65 +303,77 @@ class CrossIterationBatchNorm(NormBase):
         return super().normalize_running(x)
 
     # ------------------------------------------------------------------------- the paper's steps
-    def windowed(self) -> bool:
-        """Whether this forward pools the window (training, ``window > 1``, the burn-in done)."""
-        return self.training and self.window > 1 and int(self.num_steps) >= self.burn_in
-
     def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
         """Batch normalization with the window pooled in (burn-in, window 1: with the batch alone).
 
         The statistics of this step and, when windowed, the derivative sums to store travel to
         :meth:`record_step` in the returned :class:`BatchStats`; nothing is stored here.
+
+        Whether the burn-in is over is a tensor (``num_steps >= burn_in``), and so is which slots of
+        the window are filled, so that ``torch.compile`` needs no count on the host. In eager mode the
+        host reads the first (one synchronization, as the non-finite guard's) and runs burn-in steps
+        as plain batch normalization; compiled, a burn-in step is the pooled step with an empty window
+        (the same values) whose window write is masked out.
         """
-        if not self.windowed():
+        burnt_in = self.num_steps >= self.burn_in
+        if not self.training or self.window == 1 or not (torch.compiler.is_compiling() or bool(burnt_in)):
             self._captured = None
             y, mean, var, count = _batch_norm_step(x, self.weight, self.bias, self.eps, group)
             return y, BatchStats(mean, var, count)
         captured = self._checked_capture(x)  # validates before any state is touched
         if not self._window_matches():  # e.g. a lazy producer that has just been materialized
             self.reset_window()
-        if self.producer is None and not self._warned_unpaired:
+        if self.producer is None and not self._warned_unpaired and not torch.compiler.is_compiling():
             self._warned_unpaired = True
             warnings.warn(
                 "CrossIterationBatchNorm: no producer attached: the window pools uncompensated statistics "
                 "(pair it with attach(conv) or normlab.convert)",
                 stacklevel=5,
             )
-        stored = int(self.window_count)
-        past_mean, past_sqmean = self.past_statistics(stored)
-        y, mean, var, count = _pooled_step(x, self.weight, self.bias, past_mean, past_sqmean, self.eps, group)
+        past_mean, past_sqmean, valid = self._window_statistics()
+        valid = valid & burnt_in
+        y, mean, var, count = _pooled_step(
+            x, self.weight, self.bias, past_mean, past_sqmean, self.eps, group, valid
+        )
         sums = None
         if captured is not None:
             dt = self.window_mean.dtype
             sums = _derivative_sums(self.producer, captured[0].detach().to(dt), x.detach().to(dt), group)
-        return y, BatchStats(mean, var, count, (stored, sums))
+        return y, BatchStats(mean, var, count, (burnt_in, sums))
 
     def record_step(self, stats: BatchStats) -> None:
-        """The running statistics, this iteration into the window (when windowed), and the step count."""
+        """The running statistics, this iteration into the window (when burnt in), and the step count."""
         super().record_step(stats)
         if stats.extra:
-            stored, sums = stats.extra
-            self._push(stored % (self.window - 1), stats.mean, stats.var, sums, stats.count)
+            burnt_in, sums = stats.extra
+            self._push(burnt_in, stats.mean, stats.var, sums, stats.count)
         self.num_steps.add_(1)
 
     @torch.no_grad()
-    def past_statistics(self, stored: int | None = None) -> tuple[Tensor, Tensor]:
+    def _window_statistics(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Every slot's mean and mean square moved to the producer's current weights, ``(k-1, C)`` each,
+        and which slots are filled, ``(k-1,)`` (unpaired: the stored values as they are)."""
+        valid = torch.arange(self.window - 1, device=self.window_count.device) < self.window_count
+        mean, sqmean = self.window_mean, self.window_sqmean
+        p = self.producer
+        if p is None:
+            return mean, sqmean, valid
+        bias = None if p.bias is None else p.bias.detach()
+        weight = p.weight.detach().reshape(self.num_features, -1)
+        mean_t, sqmean_t = _taylor_step(
+            self.window_intercept[0], self.window_intercept[1], mean, self.window_dmean, self.window_dsqmean,
+            weight, bias,
+        )
+        return mean_t, sqmean_t, valid
+
+    @torch.no_grad()
+    def past_statistics(self) -> tuple[Tensor, Tensor]:
         """The stored means and mean squares moved to the producer's current weights: ``(n, C)`` each.
 
-        ``n = min(window_count, window - 1)``; unpaired, the stored values as they are. ``stored`` is
-        ``int(window_count)`` when the caller already has it (saves a device sync).
+        ``n = min(window_count, window - 1)``, the filled slots; unpaired, the stored values as they are.
         """
-        n = min(int(self.window_count) if stored is None else stored, self.window - 1)
-        mean, sqmean = self.window_mean[:n], self.window_sqmean[:n]
-        p = self.producer
-        if p is None or n == 0:
-            return mean, sqmean
-        bias = None if p.bias is None else p.bias.detach()
-        mean_0, sqmean_0 = self.window_intercept[:, :n]
-        weight = p.weight.detach().reshape(self.num_features, -1)
-        return _taylor_step(
-            mean_0, sqmean_0, mean, self.window_dmean[:n], self.window_dsqmean[:n], weight, bias
-        )
+        mean, sqmean, valid = self._window_statistics()
+        return mean[valid], sqmean[valid]
 
     def _checked_capture(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """The producer's input and output of this step; raise unless ``x`` is that output."""
@@ -386,38 +398,41 @@ class CrossIterationBatchNorm(NormBase):
 
     @torch.no_grad()
     def _push(
-        self, slot: int, mean: Tensor, var: Tensor, sums: tuple[Tensor, Tensor] | None, count: Tensor | float
+        self, burnt_in: Tensor, mean: Tensor, var: Tensor, sums: tuple[Tensor, Tensor] | None, count: Tensor | float
     ) -> None:
-        """Store this iteration's statistics, derivatives and producer weights in ``slot`` (the oldest)."""
-        self.window_mean[slot] = mean
-        torch.addcmul(var, mean, mean, out=self.window_sqmean[slot])
+        """Store this iteration's statistics, derivatives and producer weights in the oldest slot.
+
+        The slot (``window_count`` modulo ``k - 1``) is a tensor index; a step that is still in the
+        burn-in (``burnt_in`` false, compiled only) writes nothing and does not count.
+        """
+        slot = (self.window_count % (self.window - 1)).reshape(1)
+        _write_slot(self.window_mean, slot, mean, burnt_in)
+        _write_slot(self.window_sqmean, slot, torch.addcmul(var, mean, mean), burnt_in)
         p = self.producer
         if sums is not None and p is not None:
             # The derivatives are the sums over the count samples (and 2 / m for nu), scaled in the store.
             scale = 1 / count
-            # Written through views of the slots, whatever the sums' memory format (channels_last).
-            torch.mul(sums[0], scale, out=self.window_dmean[slot].view(sums[0].shape))
-            torch.mul(sums[1], 2 * scale, out=self.window_dsqmean[slot].view(sums[1].shape))
-            self.window_weight[slot] = p.weight.detach().reshape(self.window_weight.shape[1:])
+            _write_slot(self.window_dmean, slot, sums[0] * scale, burnt_in)
+            _write_slot(self.window_dsqmean, slot, sums[1] * (2 * scale), burnt_in)
+            _write_slot(self.window_weight, slot, p.weight.detach(), burnt_in)
             if p.bias is not None:
-                self.window_bias[slot] = p.bias.detach()
+                _write_slot(self.window_bias, slot, p.bias.detach(), burnt_in)
             self._store_intercepts(slot)
-        self.window_count.add_(1)
+        self.window_count.add_(burnt_in.to(self.window_count.dtype))
 
     @torch.no_grad()
-    def _store_intercepts(self, slot: int) -> None:
-        """Compute ``window_intercept`` of ``slot`` from its stored statistics, derivatives and weights."""
-        one = slice(slot, slot + 1)
+    def _store_intercepts(self, slot: Tensor) -> None:
+        """Compute ``window_intercept`` of ``slot`` (a one-element index tensor) from its stored state."""
+        rows = [buf.index_select(0, slot) for buf in (self.window_mean, self.window_sqmean)]
         mean_0, sqmean_0 = _intercepts(
-            self.window_mean[one],
-            self.window_sqmean[one],
-            self.window_dmean[one],
-            self.window_dsqmean[one],
-            self.window_weight[slot],
-            self.window_bias[slot] if self.window_bias.size(1) else None,
+            *rows,
+            self.window_dmean.index_select(0, slot),
+            self.window_dsqmean.index_select(0, slot),
+            self.window_weight.index_select(0, slot)[0],
+            self.window_bias.index_select(0, slot)[0] if self.window_bias.size(1) else None,
         )
-        self.window_intercept[0][slot] = mean_0[0]  # (a SymInt slot under compile indexes one axis at a time)
-        self.window_intercept[1][slot] = sqmean_0[0]
+        self.window_intercept[0].index_copy_(0, slot, mean_0)
+        self.window_intercept[1].index_copy_(0, slot, sqmean_0)
 
 
 # ----------------------------------------------------------------------------------- functional core
@@ -597,25 +612,31 @@ def _pooled_step(
     past_sqmean: Tensor,
     eps: float,
     group: Any | None,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | int]:
     """``(y, mean, biased var, m)``: ``x`` normalized with its statistics pooled with the past ones.
 
-    The current batch's statistics come back without gradient (global over ``group``). Locally the
-    fused step below; over a process group composed of differentiable ops on the global statistics.
+    ``valid`` (``(n,)`` bool, default all) says which of the ``n`` past rows are pooled. The current
+    batch's statistics come back without gradient (global over ``group``). Locally the fused step
+    below; over a process group composed of differentiable ops on the global statistics.
     """
+    if valid is None:
+        valid = torch.ones(past_mean.size(0), dtype=torch.bool, device=x.device)
     if group is None:
         sdt = stat_dtype(x)
-        y, mean, var = _POOLED(x, weight, bias, past_mean.detach().to(sdt), past_sqmean.detach().to(sdt), eps)[:3]
+        past = (past_mean.detach().to(sdt), past_sqmean.detach().to(sdt))
+        y, mean, var = _POOLED(x, weight, bias, *past, valid, eps)[:3]
         return y, mean, var, x.numel() // x.size(1)
     # Synchronized: the global statistics and their gradients through global_sum's all_reduce.
     mean, var, count = channel_moments(x, group, "CrossIterationBatchNorm")
-    mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean)
+    mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean, valid)
     y = channel_affine(x, mean_bar, torch.rsqrt(var_bar + eps), weight, bias)
     return y, mean.detach(), var.detach(), count
 
 
 # The local pooled step on torch's native batch-norm kernels: ``y = gamma (x - mu_bar) /
-# sqrt(sigma_bar^2 + eps) + beta``. With ``n`` pooled iterations and the past ones constant,
+# sqrt(sigma_bar^2 + eps) + beta``. With ``n`` pooled iterations (a tensor: 1 + the valid past rows,
+# so that no count is read on the host) and the past ones constant,
 # ``d mu_bar / d mu_t = d nu_bar / d nu_t = 1/n``, and the input gradient works out to batch
 # normalization's with its two batch-mean terms divided by ``n``::
 #
@@ -625,13 +646,19 @@ def _pooled_step(
 # where the native kernel is given ``mu_bar`` and ``s`` as the saved statistics. ``dgamma =
 # sum(g x_hat)`` and ``dbeta = sum(g)`` as in BN.
 def _pooled_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, past_mean: Tensor, past_sqmean: Tensor, eps: float
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    past_mean: Tensor,
+    past_sqmean: Tensor,
+    valid: Tensor,
+    eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, var, mu_bar, s)``: the output, the current batch's mean and biased variance, and
     the pooled mean and inverse standard deviation the backward reads."""
     mean, var, out = stats_and_output_buffer(x)
     mean, var = mean.to(past_mean.dtype), var.to(past_mean.dtype)
-    mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean)
+    mean_bar, var_bar = _pool(mean, var, past_mean, past_sqmean, valid)
     # Parameters in the statistics dtype: the CPU kernels take half inputs with float32 parameters.
     gamma = None if weight is None else weight.to(mean.dtype)
     beta = None if bias is None else bias.to(mean.dtype)
@@ -639,24 +666,24 @@ def _pooled_forward(
     return y, mean, var, mean_bar, torch.rsqrt(var_bar + eps)
 
 
-def _pooled_fake(x, weight, bias, past_mean, past_sqmean, eps):  # noqa: ANN001, ANN202
+def _pooled_fake(x, weight, bias, past_mean, past_sqmean, valid, eps):  # noqa: ANN001, ANN202
     stat = past_mean.new_empty(x.size(1))
     return torch.empty_like(x), stat, stat.clone(), stat.clone(), stat.clone()
 
 
 def _pooled_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest: tuple, outputs) -> None:  # noqa: ANN001
-    past_mean, past_sqmean, eps = rest
+    past_mean, past_sqmean, valid, eps = rest
     _, _, _, mean_bar, invstd = outputs
-    ctx.save_for_backward(x, weight, mean_bar, invstd)
-    ctx.n, ctx.eps = past_mean.size(0) + 1, eps
+    ctx.save_for_backward(x, weight, mean_bar, invstd, valid)
+    ctx.eps = eps
     # For second derivatives (small; the window slots they may view are overwritten later).
-    ctx.past = (past_mean.clone(), past_sqmean.clone())
+    ctx.past = (past_mean.clone(), past_sqmean.clone(), valid.clone())
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _pooled_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
-    x, weight, mean_bar, invstd = ctx.saved_tensors
-    n = ctx.n
+    x, weight, mean_bar, invstd, valid = ctx.saved_tensors
+    n = valid.sum().to(invstd.dtype) + 1
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     gamma = torch.ones_like(invstd) if weight is None else weight.to(invstd.dtype)
     gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
@@ -671,7 +698,7 @@ def _pooled_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None,
         ctx.eps,
         [need_x, need_w, need_b],
     )
-    if need_x and n > 1:
+    if need_x:  # (a zero factor when nothing was pooled: no branch on the count)
         gx.addcmul_(grad_y, (gamma * invstd * ((n - 1) / n)).to(gx.dtype).reshape(channel_shape(x)))
     return (
         gx if need_x else None,
@@ -698,15 +725,30 @@ _POOLED = FusedStep(
 )
 
 
+def _write_slot(buf: Tensor, slot: Tensor, value: Tensor, keep: Tensor) -> None:
+    """``buf[slot] = value`` where ``keep`` (0-d bool) is true, for a one-element index tensor ``slot``."""
+    old = buf.index_select(0, slot)
+    buf.index_copy_(0, slot, torch.where(keep, value.reshape(old.shape).to(buf.dtype), old))
+
+
 def _pool(
-    mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor
+    mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor, valid: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """``mu_bar`` and ``sigma_bar^2`` of the pooled window from the current batch's mean and biased variance."""
+    """``mu_bar`` and ``sigma_bar^2`` of the pooled window from the current batch's mean and biased variance.
+
+    ``valid`` (``(n,)`` bool) marks the past rows to pool (all by default); the others count as absent.
+    """
     past_mean = past_mean.detach().to(mean.dtype)
     past_sqmean = past_sqmean.detach().to(mean.dtype)
-    n = past_mean.size(0) + 1
     # max(nu, mu^2): a compensated nu may fall below mu^2; the current nu_t = var + mu^2 never does.
     past_sqmean = torch.maximum(past_sqmean, past_mean.square())
+    if valid is None:
+        n = past_mean.size(0) + 1
+    else:
+        n = valid.sum().to(mean.dtype) + 1
+        keep = valid.unsqueeze(-1)
+        past_mean = torch.where(keep, past_mean, 0.0)
+        past_sqmean = torch.where(keep, past_sqmean, 0.0)
     mean_bar = (mean + past_mean.sum(0)) / n
     sqmean_bar = (torch.addcmul(var, mean, mean) + past_sqmean.sum(0)) / n
     return mean_bar, torch.addcmul(sqmean_bar, mean_bar, mean_bar, value=-1).clamp_min(0)
