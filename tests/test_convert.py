@@ -126,3 +126,16 @@ def test_every_kind_trains_in_the_resnet_with_inplace_residual_add(kind):
         model = to_kind(resnet(), kind).train()
     model(torch.randn(4, 3, 8, 8)).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_inplace_conversion_is_all_or_nothing():
+    """A layer that cannot be built (here the last one: GroupNorm's groups do not divide 6) leaves the
+    model exactly as it was, also with inplace=True."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6))
+    before = [type(m) for m in model]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="num_groups"):
+        normlab.convert(model, "gn", inplace=True, num_groups=4)
+    assert [type(m) for m in model] == before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
