@@ -16,7 +16,16 @@ from torch import nn
 import normlab
 from normlab.surgery import common_settings, replace_module, transfer_state
 
-__all__ = ["KIND_OPTIONS", "STAT_KINDS", "BasicBlock", "ResNet", "make_norm", "resnet", "to_kind"]
+__all__ = [
+    "KIND_OPTIONS",
+    "STAT_KINDS",
+    "BasicBlock",
+    "ResNet",
+    "compiled_matches_eager",
+    "make_norm",
+    "resnet",
+    "to_kind",
+]
 
 # Settings the tests give each kind unless they pass their own: DecorrelatedBatchNorm whitens groups
 # of 4 channels (so 6 channels are a group of 4 and a padded group of 2), CrossIterationBatchNorm
@@ -189,3 +198,30 @@ def resnet(**kwargs: Any) -> ResNet:
     for tests to convert; with the defaults it takes ``(N, 3, 8, 8)`` inputs and has six
     BatchNorm2d layers: the stem's, ``layer1.0``'s two and ``layer2.0``'s three."""
     return ResNet(**kwargs)
+
+
+def compiled_matches_eager(
+    eager: nn.Module, shape: tuple[int, ...], buffers: tuple[str, ...], steps: int = 3
+) -> nn.Module:
+    """Train a copy of ``eager`` under ``torch.compile(fullgraph=True)`` beside it for ``steps`` steps.
+
+    Outputs, input and weight gradients and the named ``buffers`` must agree. Returns the copy.
+    """
+    import copy
+
+    torch._dynamo.reset()
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, fullgraph=True)
+    for step in range(steps):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(step)) * 1.5 + 0.3
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = eager(x1), compiled(x2)
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(y1)
+        y1.backward(g)
+        y2.backward(g)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(eager.weight.grad, compiled_layer.weight.grad, rtol=1e-4, atol=1e-4)
+        for name in buffers:
+            torch.testing.assert_close(getattr(eager, name), getattr(compiled_layer, name))
+    return compiled_layer

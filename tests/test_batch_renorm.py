@@ -12,6 +12,7 @@ from torch import nn
 from torch.autograd import gradcheck
 
 import normlab
+from _shared import compiled_matches_eager
 from normlab.batch_renorm import batch_renorm
 
 D = torch.float64
@@ -244,24 +245,10 @@ def test_schedule_makes_warm_up_plain_batchnorm():
 # ----------------------------------------------------------------------------- torch tooling
 @pytest.mark.slow  # compiling takes tens of seconds
 def test_torch_compile_fullgraph_matches_eager():
-    torch._dynamo.reset()
     eager = normlab.BatchRenorm(6, momentum=0.1, r_max=1.5, d_max=0.5)
     eager.running_var.fill_(0.6)
     eager.running_mean.fill_(0.2)
-    compiled_layer = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_layer, fullgraph=True)
-    for step in range(3):
-        x = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(step)) * 1.5 + 0.3
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y1, y2 = eager(x1), compiled(x2)
-        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-        g = torch.randn_like(y1)
-        y1.backward(g)
-        y2.backward(g)
-        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(eager.weight.grad, compiled_layer.weight.grad, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(eager.running_var, compiled_layer.running_var)
-        torch.testing.assert_close(eager.running_mean, compiled_layer.running_mean)
+    compiled_layer = compiled_matches_eager(eager, (4, 6, 5, 5), ("running_var", "running_mean"))
     assert int(compiled_layer.num_batches_tracked) == 3
 
 

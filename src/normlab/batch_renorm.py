@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import BatchStats, NormBase
-from .checks import check_input, keyword_options
+from .checks import UNSET, check_input, keyword_options
 from .dispatch import FusedStep
 from .kernels import (
     channel_affine,
@@ -166,17 +166,14 @@ def paper_schedule(scale: float = 1.0) -> dict[str, Ramp]:
 
 
 # ----------------------------------------------------------------------------------- functional core
-_UNSET: Any = object()
-
-
 def batch_renorm(
     x: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
-    training: bool = _UNSET,
-    momentum: float | Tensor | None = _UNSET,
+    training: bool = UNSET,
+    momentum: float | Tensor | None = UNSET,
     eps: float = 1e-5,
     *legacy: Any,
     r_max: Tensor | float = 3.0,
@@ -195,10 +192,10 @@ def batch_renorm(
     d_max, eps, momentum, group)``, which always trained and updated only with a ``momentum``, is
     still accepted (positional limits, or no ``training``) with a ``DeprecationWarning``.
     """
-    if training is _UNSET or not isinstance(training, bool):
+    if training is UNSET or not isinstance(training, bool):
         old = (training, momentum, eps, *legacy)
         names = ("r_max", "d_max", "eps", "momentum", "group")
-        given = {k: v for k, v in zip(names, old) if v is not _UNSET}
+        given = {k: v for k, v in zip(names, old) if v is not UNSET}
         warnings.warn(
             "batch_renorm without training=, or with r_max/d_max positional, is deprecated; the "
             "arguments now follow F.batch_norm: (x, running_mean, running_var, weight, bias, training, "
@@ -212,7 +209,7 @@ def batch_renorm(
         training = True
     elif legacy:
         raise TypeError(f"batch_renorm: expected at most 8 positional arguments, got {8 + len(legacy)}")
-    if momentum is _UNSET:
+    if momentum is UNSET:
         momentum = 0.01
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)

@@ -23,7 +23,11 @@ __all__ = [
     "check_positive_int",
     "check_placement",
     "keyword_options",
+    "UNSET",
 ]
+
+#: The default of a functional core's argument whose absence means its deprecated form (``training``).
+UNSET: Any = type("Unset", (), {"__repr__": lambda self: "<unset>"})()
 
 
 def layer_name(module: nn.Module | str) -> str:

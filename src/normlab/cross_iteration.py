@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import BatchStats, NormBase
-from .checks import check_input, keyword_options
+from .checks import UNSET, check_input, keyword_options
 from .comm import global_sum
 from .dispatch import FusedStep
 from .kernels import (
@@ -436,17 +436,14 @@ class CrossIterationBatchNorm(NormBase):
 
 
 # ----------------------------------------------------------------------------------- functional core
-_UNSET: Any = object()
-
-
 def pooled_batch_norm(
     x: Tensor,
     running_mean: Tensor | None = None,
     running_var: Tensor | None = None,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
-    training: bool = _UNSET,
-    momentum: float | Tensor | None = _UNSET,
+    training: bool = UNSET,
+    momentum: float | Tensor | None = UNSET,
     eps: float = 1e-5,
     *,
     past_mean: Tensor | None = None,
@@ -466,7 +463,7 @@ def pooled_batch_norm(
     group)``, which always trained and returned ``(y, mean, var, m)``, is still accepted (any call
     without a bool ``training``) with a ``DeprecationWarning``.
     """
-    if training is _UNSET or not isinstance(training, bool):
+    if training is UNSET or not isinstance(training, bool):
         warnings.warn(
             "pooled_batch_norm(x, past_mean, past_sqmean, weight, bias, eps, group) is deprecated; the "
             "arguments now follow F.batch_norm: (x, running_mean, running_var, weight, bias, training, "
@@ -474,13 +471,13 @@ def pooled_batch_norm(
             DeprecationWarning,
             stacklevel=2,
         )
-        old_eps = eps if training is _UNSET else training
-        group = process_group if momentum is _UNSET else momentum
+        old_eps = eps if training is UNSET else training
+        group = process_group if momentum is UNSET else momentum
         y, mean, var, count = _pooled_step(x, weight, bias, running_mean, running_var, old_eps, group)
         if not isinstance(count, Tensor):
             count = torch.tensor(float(count), dtype=mean.dtype, device=x.device)
         return y, mean, var, count  # type: ignore[return-value]
-    momentum = 0.1 if momentum is _UNSET else momentum
+    momentum = 0.1 if momentum is UNSET else momentum
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     check_input("pooled_batch_norm", x, x.size(1), process_group is None)

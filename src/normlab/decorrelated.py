@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import BatchStats, Moments, NormBase
-from .checks import check_global_count, check_input, keyword_options
+from .checks import UNSET, check_global_count, check_input, keyword_options
 from .comm import global_sum
 from .dispatch import FusedStep
 from .kernels import (
@@ -365,18 +365,15 @@ class GroupedMoments(Moments):
 
 
 # ------------------------------------------------------------------------------------ functional core
-_UNSET: Any = object()
-
-
 def decorrelated_batch_norm(
     x: Tensor,
     running_mean: Tensor | None = None,
     running_var: Tensor | None = None,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
-    training: bool = _UNSET,
-    momentum: float | Tensor | None = _UNSET,
-    eps: float = _UNSET,
+    training: bool = UNSET,
+    momentum: float | Tensor | None = UNSET,
+    eps: float = UNSET,
     *,
     running_whitening: Tensor | None = None,
     group_size: int = 16,
@@ -397,7 +394,7 @@ def decorrelated_batch_norm(
     iterations, group)``, which always trained and returned ``(y, mean, cov, W, m)``, is still
     accepted (any call without a bool ``training``) with a ``DeprecationWarning``.
     """
-    if training is _UNSET or not isinstance(training, bool):
+    if training is UNSET or not isinstance(training, bool):
         # The earlier positional order: (x, weight, bias, group_size, method, eps, iterations, group).
         warnings.warn(
             "decorrelated_batch_norm(x, weight, bias, group_size, method, ...) is deprecated; the arguments "
@@ -408,16 +405,16 @@ def decorrelated_batch_norm(
         )
         group_size = group_size if weight is None else weight
         method = method if bias is None else bias
-        old_eps = 1e-5 if eps is _UNSET or not isinstance(eps, (int, float)) else eps
-        old_eps = old_eps if training is _UNSET else training
-        iterations = iterations if momentum is _UNSET else momentum
-        if eps is not _UNSET and not isinstance(eps, (int, float)):
+        old_eps = 1e-5 if eps is UNSET or not isinstance(eps, (int, float)) else eps
+        old_eps = old_eps if training is UNSET else training
+        iterations = iterations if momentum is UNSET else momentum
+        if eps is not UNSET and not isinstance(eps, (int, float)):
             group = eps
         _check_method("decorrelated_batch_norm", method, iterations)
         G, g = group_layout(x.size(1), group_size)
         return _batch_step(x, running_mean, running_var, G, g, old_eps, method, iterations, group)
-    momentum = 0.1 if momentum is _UNSET else momentum
-    eps = 1e-5 if eps is _UNSET else eps
+    momentum = 0.1 if momentum is UNSET else momentum
+    eps = 1e-5 if eps is UNSET else eps
     _check_method("decorrelated_batch_norm", method, iterations)
     G, g = group_layout(x.size(1), group_size)
     if not training:
