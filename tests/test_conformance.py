@@ -43,6 +43,7 @@ CONFIGS = {
     "dbn": (normlab.DecorrelatedBatchNorm, {"group_size": 1}),
     "cbn-window1": (normlab.CrossIterationBatchNorm, {"window": 1}),
     "cbn-burn-in": (normlab.CrossIterationBatchNorm, {"window": 3, "burn_in": 10_000}),
+    "ghost": (normlab.GhostBatchNorm, {"virtual_batch_size": None}),
 }
 
 

@@ -47,14 +47,17 @@ def test_nonfinite_batch_leaves_state_and_training_intact(kind, bad):
     layer = _trained(kind)
     before = _state(layer)
     x = _batch(10, BAD[bad])
-    overflow_is_finite = bad == "overflow" and kind == "mobn"  # a mean of 1e20 is finite: no guard needed
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y = layer(x)
         layer(_batch(11, BAD[bad]))
     nonfinite = [w for w in caught if issubclass(w.category, RuntimeWarning) and "non-finite" in str(w.message)]
-    if overflow_is_finite:
-        assert not nonfinite
+    if bad == "overflow" and not nonfinite:
+        # 1e20 overflows float32 only where squared: MeanOnlyBatchNorm takes no square, and
+        # GhostBatchNorm's variance of a small ghost batch (torch.var_mean) stays below float32's max.
+        # Finite statistics need no guard; the layer must still train on.
+        assert kind in ("mobn", "ghost")
+        assert all(torch.isfinite(layer(_batch(30 + s))).all() for s in range(5))
         return
     assert len(nonfinite) == 1 and type(layer).__name__ in str(nonfinite[0].message)  # warned once
     for k, v in _state(layer).items():

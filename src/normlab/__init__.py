@@ -14,6 +14,7 @@ from .diagnostics import statistic_shift
 from .distributed import sync, unsync
 from .fold import fold
 from .freezing import freeze, is_frozen, unfreeze
+from .ghost import GhostBatchNorm
 from .mean_only import MeanOnlyBatchNorm
 from .normprop import NormPropConv2d, NormPropLinear, NormPropReLU, Standardize, dataset_statistics
 from .pairing import find_pairs
@@ -30,6 +31,7 @@ __all__ = [
     "ConversionReport",
     "CrossIterationBatchNorm",
     "DecorrelatedBatchNorm",
+    "GhostBatchNorm",
     "Moments",
     "NormBase",
     "Ramp",

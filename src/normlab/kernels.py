@@ -36,6 +36,9 @@ __all__ = [
     "ema",
     "running_update",
     "params_in",
+    "micro_batch_sizes",
+    "micro_batch_moments",
+    "normalize_micro_batches",
 ]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -310,3 +313,57 @@ def params_in(dtype: torch.dtype, *params: Tensor | None) -> tuple[Tensor | None
     float32). Differentiable: the gradients come back in the parameters' dtype.
     """
     return tuple(p if p is None or p.dtype == dtype else p.to(dtype) for p in params)
+
+
+# ----------------------------------------------------------------------------- micro-batches
+def micro_batch_sizes(n: int, size: int | None) -> list[int]:
+    """Sizes of the contiguous micro-batches of ``size`` samples of a batch of ``n`` (the last holds
+    the remainder); ``None``: one micro-batch of all ``n``."""
+    if size is None or size >= n:
+        return [n] if n else []
+    return [size] * (n // size) + ([n % size] if n % size else [])
+
+
+def micro_batch_moments(x: Tensor, size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per micro-batch and channel, the mean and biased variance of ``x`` ``(N, C, *)``, ``(G, C)`` each
+    (float32 for half inputs; differentiable), and each micro-batch's value count ``(G,)``."""
+    sizes = micro_batch_sizes(x.size(0), size)
+    xs = x.to(stat_dtype(x))
+    per_sample = xs[0].numel() // max(xs.size(1), 1) if xs.size(0) else 0
+    count = torch.tensor([s * per_sample for s in sizes], dtype=xs.dtype, device=x.device)
+    if len(sizes) == 1:
+        var, mean = torch.var_mean(xs, dim=reduce_dims(xs), correction=0)
+        return mean.unsqueeze(0), var.unsqueeze(0), count
+    if len(set(sizes)) == 1:  # equal micro-batches: one reduction over a (G, size, C, L) view
+        v = xs.reshape(len(sizes), sizes[0], xs.size(1), -1)
+        var, mean = torch.var_mean(v, dim=(1, 3), correction=0)
+        return mean, var, count
+    parts = [torch.var_mean(p, dim=reduce_dims(p), correction=0) for p in xs.split(sizes)]
+    return torch.stack([m for _, m in parts]), torch.stack([v for v, _ in parts]), count
+
+
+def normalize_micro_batches(
+    x: Tensor,
+    size: int | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> Tensor:
+    """``weight * (x - mean_k) / sqrt(var_k + eps) + bias`` for the samples of micro-batch ``k``.
+
+    ``mean`` and ``var`` are ``(G, C)`` (one row per micro-batch of :func:`micro_batch_sizes`); the
+    output has ``x``'s dtype and memory format.
+    """
+    sizes = micro_batch_sizes(x.size(0), size)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
+    if len(sizes) > 1:  # one row per sample
+        repeats = torch.tensor(sizes, device=x.device)
+        scale = scale.repeat_interleave(repeats, dim=0, output_size=x.size(0))
+        shift = shift.repeat_interleave(repeats, dim=0, output_size=x.size(0))
+    shape = (scale.size(0), -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)).to(x.dtype)

@@ -23,6 +23,7 @@ from .batch_renorm import BatchRenorm
 from .batchnorm import BatchNorm
 from .cross_iteration import COMPENSATED, CrossIterationBatchNorm
 from .decorrelated import DecorrelatedBatchNorm
+from .ghost import GhostBatchNorm
 from .mean_only import MeanOnlyBatchNorm
 from .pairing import find_pairs
 from .surgery import common_settings, replace_module, transfer_state
@@ -287,6 +288,13 @@ for _kind in (
         (CrossIterationBatchNorm,),
         "Cross-Iteration Batch Normalization (Yao et al. 2021), options window (k, default 8), burn_in (steps)",
         finalize=_pair_converted,
+    ),
+    Kind(
+        "ghost",
+        build_normbase(GhostBatchNorm),
+        (GhostBatchNorm,),
+        "Ghost batch normalization (Hoffer et al. 2017): each virtual batch of virtual_batch_size samples "
+        "(default 32) normalized with its own statistics",
     ),
     Kind(
         "mobn",

@@ -1,0 +1,124 @@
+"""Ghost (virtual-batch) normalization (Hoffer, Hubara, Soudry, "Train longer, generalize better:
+closing the generalization gap in large batch training of neural networks", NeurIPS 2017,
+arXiv 1705.08741, section 4 and Algorithm 1).
+
+Training splits the minibatch into contiguous *ghost batches* of ``v = virtual_batch_size`` samples
+(the last holds the remainder) and normalizes each with its own statistics, per channel over its
+``m_k = |B_k| * prod(spatial)`` values::
+
+    mu_k      = (1/m_k) sum_{i in B_k} x_i
+    sigma_k^2 = (1/m_k) sum_{i in B_k} (x_i - mu_k)^2                  (biased)
+    y_i       = gamma * (x_i - mu_k) / sqrt(sigma_k^2 + eps) + beta     for i in B_k
+
+The running statistics take one moving-average step per ghost batch, in order, with its mean and
+unbiased variance ``sigma_k^2 m_k / (m_k - 1)`` (as the authors' code, which runs BatchNorm on each
+chunk); ``num_batches_tracked`` counts ghost batches. Inference is batch normalization with the
+running statistics. ``virtual_batch_size=None``, or a batch no larger than it, is exactly BatchNorm.
+
+A ghost batch stays local to its process: under :func:`normlab.sync` the layer normalizes as it
+does alone (the point of ghost batches is their small size). Every ghost batch needs more than one
+value per channel in training, as BatchNorm does. The micro-batch statistics are
+:func:`normlab.kernels.micro_batch_moments`, shared with any layer that normalizes groups of samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import BatchStats, NormBase
+from .checks import check_input, check_positive_int
+from .kernels import micro_batch_moments, micro_batch_sizes, normalize_micro_batches, running_update
+
+__all__ = ["GhostBatchNorm", "ghost_batch_norm"]
+
+
+class GhostBatchNorm(NormBase):
+    """Ghost batch normalization over inputs ``(N, C, *)`` (Hoffer et al. 2017); see the module docstring.
+
+    Args:
+        num_features: ``C``.
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as torch's BatchNorm
+            (``momentum`` is per ghost batch).
+        virtual_batch_size: samples per ghost batch (the last holds the remainder); ``None``: the
+            whole batch, i.e. BatchNorm. Keyword-only; the default 32 is a common ghost batch size
+            (the paper's experiments use 128 with much larger batches).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        virtual_batch_size: int | None = 32,
+    ) -> None:
+        if virtual_batch_size is not None:
+            check_positive_int("GhostBatchNorm", "virtual_batch_size", virtual_batch_size)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.virtual_batch_size = virtual_batch_size
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+    def check_input(self, x: Tensor, training: bool | None = None) -> None:
+        """As every layer's, and in training every ghost batch needs more than one value per channel.
+
+        The ghost batches are local, so the check is local also when synchronized.
+        """
+        if training is None or not training:
+            training = self.use_batch_stats()
+        super().check_input(x, training=False)
+        if training:
+            smallest = min(micro_batch_sizes(x.size(0), self.virtual_batch_size), default=0)
+            check_input(self, x[:smallest], self.num_features, training=True)
+
+    # ----------------------------------------------------------------------------- the paper's steps
+    def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
+        mean, var, count = micro_batch_moments(x, self.virtual_batch_size)
+        y = normalize_micro_batches(x, self.virtual_batch_size, mean, var, self.eps, self.weight, self.bias)
+        return y, BatchStats(mean.detach(), var.detach(), count)
+
+    def update_running(self, stats: BatchStats) -> None:
+        """One moving-average step per ghost batch, in order (``num_batches_tracked`` counts them)."""
+        for mean, var, count in zip(stats.mean, stats.var, stats.count):
+            running_update(self.running_mean, self.running_var, mean, var, count, self.step_factor())
+
+
+def ghost_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    virtual_batch_size: int | None = 32,
+) -> Tensor:
+    """Ghost batch normalization of ``x`` ``(N, C, *)``, in ``F.batch_norm``'s shape.
+
+    ``training=False``: batch normalization with the running statistics. ``training=True``: each
+    ghost batch with its own statistics, and with a ``momentum`` the running statistics that are
+    given take one step per ghost batch in place (``momentum=None`` leaves them as they are).
+    """
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError("ghost_batch_norm: expected running_mean and running_var when training=False")
+        return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    smallest = min(micro_batch_sizes(x.size(0), virtual_batch_size), default=0)
+    check_input("ghost_batch_norm", x[:smallest], x.size(1), True)
+    mean, var, count = micro_batch_moments(x, virtual_batch_size)
+    y = normalize_micro_batches(x, virtual_batch_size, mean, var, eps, weight, bias)
+    if momentum is not None and running_mean is not None:
+        for m, v, c in zip(mean.detach(), var.detach(), count):
+            running_update(running_mean, running_var, m, v, c, momentum)
+    return y

@@ -1,0 +1,111 @@
+"""GhostBatchNorm against a reference written from Hoffer et al. (2017): torch's BatchNorm run on
+each contiguous ghost batch in turn, with the same running statistics (as the authors' code does)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+
+import normlab
+from normlab.ghost import ghost_batch_norm
+
+D = torch.float64
+
+
+def _factor(bn):
+    bn.num_batches_tracked += 1
+    return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape,v", [((10, 6), 4), ((8, 6, 3, 3), 4), ((9, 6, 2), 4), ((5, 6, 2, 2), 8)])
+def test_matches_batch_norm_per_ghost_batch(shape, v, momentum):
+    torch.manual_seed(0)
+    layer = normlab.GhostBatchNorm(6, momentum=momentum, virtual_batch_size=v, dtype=D)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+    for step in range(2):
+        x = (torch.randn(shape, dtype=D) * (1 + step) + step).requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        y = layer(x)
+        bn = nn.BatchNorm1d(6, momentum=momentum, dtype=D)
+        bn.num_batches_tracked.copy_(layer.num_batches_tracked - len(range(0, shape[0], v)))
+        y_ref = torch.cat([
+            nn.functional.batch_norm(c, rm, rv, w, b, True, _factor(bn), 1e-5) for c in xr.split(v)
+        ])
+        torch.testing.assert_close(y, y_ref)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+        want = torch.autograd.grad(y_ref, (xr, w, b), g)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e)
+        torch.testing.assert_close(layer.running_mean, rm)
+        torch.testing.assert_close(layer.running_var, rv)
+        assert int(layer.num_batches_tracked) == int(bn.num_batches_tracked)
+    x = torch.randn(shape, dtype=D)
+    torch.testing.assert_close(layer.eval()(x), nn.functional.batch_norm(x, rm, rv, w, b, False, 0.0, 1e-5))
+
+
+@pytest.mark.parametrize("v", [None, 8, 100])
+def test_one_ghost_batch_is_batch_norm(v):
+    torch.manual_seed(1)
+    layer = normlab.GhostBatchNorm(4, virtual_batch_size=v, dtype=D)
+    bn = nn.BatchNorm2d(4, dtype=D)
+    for _ in range(2):
+        x = torch.randn(8, 4, 3, 3, dtype=D)
+        torch.testing.assert_close(layer(x), bn(x))
+    for k, value in bn.state_dict().items():
+        torch.testing.assert_close(layer.state_dict()[k], value)
+
+
+def test_a_ghost_batch_of_one_value_is_refused_before_state_moves():
+    layer = normlab.GhostBatchNorm(3, virtual_batch_size=4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="GhostBatchNorm: expected more than 1 value per channel"):
+        layer(torch.randn(9, 3))  # the last ghost batch holds one sample
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    layer(torch.randn(9, 3, 2))  # one sample with two values is a ghost batch BatchNorm accepts
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        normlab.GhostBatchNorm(3, virtual_batch_size=0)
+
+
+def test_gradcheck_and_gradgradcheck():
+    torch.manual_seed(2)
+    x = torch.randn(7, 3, 2, dtype=D, requires_grad=True)
+    w = (torch.rand(3, dtype=D) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=D, requires_grad=True)
+
+    def fn(x, w, b):
+        return ghost_batch_norm(x, None, None, w, b, True, None, virtual_batch_size=3)
+
+    assert gradcheck(fn, (x, w, b))
+    assert gradgradcheck(fn, (x, w, b))
+
+
+def test_functional_core_matches_the_layer():
+    torch.manual_seed(3)
+    layer = normlab.GhostBatchNorm(5, virtual_batch_size=3, dtype=D)
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    x = torch.randn(8, 5, 2, dtype=D)
+    y = ghost_batch_norm(x, rm, rv, layer.weight, layer.bias, True, 0.1, virtual_batch_size=3)
+    torch.testing.assert_close(y, layer(x))
+    torch.testing.assert_close((rm, rv), (layer.running_mean, layer.running_var))
+    torch.testing.assert_close(
+        ghost_batch_norm(x, rm, rv, layer.weight, layer.bias), layer.eval()(x)
+    )
+
+
+def test_convert_and_back_keep_the_learned_state():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    model(torch.randn(16, 3, 6, 6))
+    ghost = normlab.convert(model, "ghost", virtual_batch_size=4)
+    assert isinstance(ghost[1], normlab.GhostBatchNorm) and ghost[1].virtual_batch_size == 4
+    torch.testing.assert_close(ghost[1].running_var, model[1].running_var)
+    back = normlab.convert(ghost, "bn")
+    assert type(back[1]) is nn.BatchNorm2d
