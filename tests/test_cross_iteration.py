@@ -189,19 +189,32 @@ def test_compensate_is_the_taylor_step(with_bias):
         torch.testing.assert_close(got_sqmean[j], ref_sqmean, rtol=1e-12, atol=1e-12)
 
 
-def test_window_intercepts_are_rebuilt_on_load_and_not_saved():
-    """The cached part of the Taylor step is derived state: a loaded copy compensates exactly as the source."""
-    producer, layer, shape = make_pair("conv2d_groups_stride_dilation", window=4, seed=2)
-    for _ in range(5):  # wrapped around the ring
+def test_window_keeps_intercepts_not_past_weights_and_old_checkpoints_load():
+    """Each slot keeps its Taylor-step intercepts, not the producer's past weight and bias (one
+    weight-sized tensor per slot); a checkpoint that stored the past weights loads, its intercepts
+    derived from them, and compensates exactly as the layer that wrote it."""
+    producer, layer, shape = make_pair("conv2d_bias", window=4, seed=2)
+    weights, biases = [], []
+    for _ in range(5):  # wrapped around the ring: slot j holds the iteration written last there
+        weights.append(producer.weight.detach().clone())
+        biases.append(producer.bias.detach().clone())
         layer(producer(torch.randn(shape, dtype=DT)))
         perturb(producer)
     state = layer.state_dict()
-    assert not any("intercept" in key for key in state)
-    copy_producer, copy_layer, _ = make_pair("conv2d_groups_stride_dilation", window=4, seed=5)
+    assert "window_intercept" in state and "window_weight" not in state and "window_bias" not in state
+    weight_sized = [k for k, v in state.items() if v.numel() >= 3 * producer.weight.numel()]
+    assert weight_sized == ["window_dsqmean"]
+    # The earlier format stored each slot's past weight: iteration i went to slot i % 3, the last one stays.
+    slots = {i % 3: i for i in range(5)}
+    legacy = {k: v for k, v in state.items() if k != "window_intercept"}
+    legacy["window_weight"] = torch.stack([weights[slots[j]].reshape(6, -1) for j in range(3)])
+    legacy["window_bias"] = torch.stack([biases[slots[j]] for j in range(3)])
+    copy_producer, copy_layer, _ = make_pair("conv2d_bias", window=4, seed=5)
     copy_producer.load_state_dict(producer.state_dict())
-    copy_layer.load_state_dict(state)
+    copy_layer.load_state_dict(legacy)
+    torch.testing.assert_close(copy_layer.window_intercept, layer.window_intercept, rtol=1e-12, atol=1e-12)
     for a, b in zip(layer.past_statistics(), copy_layer.past_statistics()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert layer.half().window_intercept.dtype == torch.float32
 
 
@@ -362,7 +375,7 @@ def test_state_dict_round_trip_mid_window():
         opt.step()
         opt.zero_grad()
     state = a.state_dict()
-    for key in ("window_mean", "window_sqmean", "window_weight", "window_bias", "window_dmean", "window_dsqmean"):
+    for key in ("window_mean", "window_sqmean", "window_dmean", "window_dsqmean", "window_intercept"):
         assert "1." + key in state
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -387,7 +400,7 @@ def test_batchnorm_checkpoint_loads_and_resets_window():
     result = layer.load_state_dict(bn.state_dict())  # strict: no missing window keys reported
     assert not result.missing_keys and not result.unexpected_keys
     assert int(layer.window_count) == 0 and int(layer.num_steps) == 0
-    assert layer.window_weight.shape == (2, 6, 27)  # still sized for the producer
+    assert layer.window_dsqmean.shape == (2, 6, 27)  # still sized for the producer
     torch.testing.assert_close(layer.running_mean, bn.running_mean)
     assert int(layer.num_batches_tracked) == 7
     layer.eval()
@@ -410,7 +423,7 @@ def test_statistics_interface_is_channelwise_bn():
 
 def test_half_module_keeps_float32_window():
     layer = CrossIterationBatchNorm(4, window=3).attach(nn.Conv2d(2, 4, 3)).half()
-    for name in ("running_mean", "window_mean", "window_weight", "window_dsqmean"):
+    for name in ("running_mean", "window_mean", "window_intercept", "window_dsqmean"):
         assert getattr(layer, name).dtype == torch.float32
     assert layer.weight.dtype == torch.float16
     d = CrossIterationBatchNorm(4, window=3, dtype=DT)
@@ -421,13 +434,13 @@ def test_lazy_producer_channels_last_and_half_train():
     torch.manual_seed(0)
     conv = nn.LazyConv2d(4, 3, padding=1)
     layer = CrossIterationBatchNorm(4, window=3).attach(conv)
-    assert layer.window_weight.shape == (2, 4, 0)  # sized once the producer is materialized
+    assert layer.window_dsqmean.shape == (2, 4, 0)  # sized once the producer is materialized
     model = nn.Sequential(conv, layer)
     model(torch.randn(2, 3, 5, 5))
     model = model.to(memory_format=torch.channels_last)  # the flat window buffers are left alone
     for _ in range(3):
         model(torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)).sum().backward()
-    assert layer.window_weight.shape == (2, 4, 27) and int(layer.window_count) == 4
+    assert layer.window_dsqmean.shape == (2, 4, 27) and int(layer.window_count) == 4
     model.half()
     for _ in range(2):
         y = model(torch.randn(2, 3, 5, 5).half())

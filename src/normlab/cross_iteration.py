@@ -79,10 +79,11 @@ __all__ = ["CrossIterationBatchNorm", "COMPENSATED", "pooled_batch_norm", "produ
 #: The producers whose weights the window is compensated for.
 COMPENSATED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # The state that BatchNorm checkpoints lack; loading one resets it (see _load_from_state_dict).
-_WINDOW_FLOATS = ("window_mean", "window_sqmean", "window_weight", "window_bias", "window_dmean", "window_dsqmean")
+_WINDOW_FLOATS = ("window_mean", "window_sqmean", "window_dmean", "window_dsqmean", "window_intercept")
 _WINDOW_STATE = ("num_steps", "window_count", *_WINDOW_FLOATS)
-# Derived from the window (not saved): each slot's Taylor-step intercepts, see _intercepts.
-_INTERCEPT = "window_intercept"
+# What checkpoints from before the intercepts were kept stored instead: each slot's producer weight and
+# bias, from which a load derives the intercepts.
+_LEGACY_WINDOW = ("window_weight", "window_bias")
 
 
 _LEGACY_ORDER = ("eps", "momentum", "affine", "track_running_stats", "window", "burn_in", "device", "dtype")
@@ -130,15 +131,17 @@ class CrossIterationBatchNorm(NormBase):
     window lives in buffers (saved and restored with the state dict, in the layer's float dtype;
     float32 for half/bfloat16 layers): ``num_steps`` (training steps taken, for the burn-in),
     ``window_count`` (iterations stored since the window was reset; the ring's fill count and write
-    position), and per slot ``window_mean``/``window_sqmean`` ``(k-1, C)``, the producer's
-    ``window_weight`` ``(k-1, C, F)`` and ``window_bias`` ``(k-1, C)`` (``(k-1, 0)`` without a
-    bias), ``window_dmean`` ``(k-1, groups, F)`` and ``window_dsqmean`` ``(k-1, C, F)``, with ``F`` the
-    fan-in of one output channel (``W[c].numel()``; kept flat so that ``model.to(memory_format=...)``
-    leaves them alone). Unpaired, ``F = 0``. A BatchNorm checkpoint (which has
-    none of these) loads with a fresh window and ``num_steps = 0``; ``attach`` also resets the window.
-    A non-persistent buffer ``window_intercept`` ``(2, k-1, C)`` caches each slot's part of the
-    Taylor step that does not involve the current weights (see :func:`compensate`); it is derived
-    from the others when an iteration is stored or a state dict is loaded.
+    position), and per slot ``window_mean``/``window_sqmean`` ``(k-1, C)``, ``window_dmean``
+    ``(k-1, groups, F)``, ``window_dsqmean`` ``(k-1, C, F)`` and ``window_intercept`` ``(2, k-1, C)``,
+    with ``F`` the fan-in of one output channel (``W[c].numel()``; kept flat so that
+    ``model.to(memory_format=...)`` leaves them alone). Unpaired, ``F = 0``. ``window_intercept``
+    holds each slot's part of the Taylor step that does not involve the current weights,
+    ``mu - dmu/dW . W_old - b_old`` and ``nu - dnu/dW . W_old - 2 mu b_old`` (see :func:`compensate`),
+    computed when the iteration is stored, so that the producer's past weights are not kept: one
+    weight-sized tensor per slot (``window_dsqmean``). Checkpoints that stored the past weights
+    (``window_weight``, ``window_bias``) load, their intercepts derived from them. A BatchNorm
+    checkpoint (which has none of these) loads with a fresh window and ``num_steps = 0``; ``attach``
+    also resets the window.
     """
     @keyword_options(_LEGACY_ORDER, _legacy_order)
     def __init__(
@@ -170,7 +173,6 @@ class CrossIterationBatchNorm(NormBase):
         self.register_buffer("window_count", torch.tensor(0, dtype=torch.long, device=device))
         for name in _WINDOW_FLOATS:
             self.register_buffer(name, torch.zeros(0, device=device, dtype=sdt))
-        self.register_buffer(_INTERCEPT, torch.zeros(0, device=device, dtype=sdt), persistent=False)
         self.reset_window()
 
     # ------------------------------------------------------------------------- pairing
@@ -216,31 +218,28 @@ class CrossIterationBatchNorm(NormBase):
         return {**self.__dict__, "_captured": None}
 
     # ------------------------------------------------------------------------- window
-    def _slot_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-        """Shapes of one slot's weight and ``dmean``, and the bias length, for the current producer."""
+    def _slot_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of one slot's ``dsqmean`` (the weight's) and ``dmean`` for the current producer."""
         p, c = self.producer, self.num_features
         w = None if p is None else p.weight
         if w is None or isinstance(w, nn.parameter.UninitializedParameter):
-            return (c, 0), (1, 0), 0
+            return (c, 0), (1, 0)
         groups = getattr(p, "groups", 1)
-        bias = 0 if p.bias is None else c
         fan_in = w[0].numel()
-        return (c, fan_in), (groups, fan_in), bias
+        return (c, fan_in), (groups, fan_in)
 
     @torch.no_grad()
     def reset_window(self) -> None:
         """Empty the window (sized for the current producer); ``num_steps`` is kept."""
         cap, c = self.window - 1, self.num_features
         ref = self.window_mean
-        w_shape, mu_shape, nb = self._slot_shapes()
+        w_shape, mu_shape = self._slot_shapes()
         new = {
             "window_mean": (cap, c),
             "window_sqmean": (cap, c),
-            "window_weight": (cap, *w_shape),
-            "window_bias": (cap, nb),
             "window_dmean": (cap, *mu_shape),
             "window_dsqmean": (cap, *w_shape),
-            _INTERCEPT: (2, cap, c),
+            "window_intercept": (2, cap, c),
         }
         for name, shape in new.items():
             buf = getattr(self, name)
@@ -258,19 +257,16 @@ class CrossIterationBatchNorm(NormBase):
             self.num_steps.zero_()
 
     def _window_matches(self) -> bool:
-        w_shape, mu_shape, nb = self._slot_shapes()
-        return (
-            tuple(self.window_weight.shape[1:]) == w_shape
-            and tuple(self.window_dmean.shape[1:]) == mu_shape
-            and self.window_bias.size(1) == nb
-        )
+        w_shape, mu_shape = self._slot_shapes()
+        return tuple(self.window_dsqmean.shape[1:]) == w_shape and tuple(self.window_dmean.shape[1:]) == mu_shape
 
     def _float32_buffers(self) -> tuple[str, ...]:
-        return (*super()._float32_buffers(), *_WINDOW_FLOATS, _INTERCEPT)
+        return (*super()._float32_buffers(), *_WINDOW_FLOATS)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):  # noqa: ANN001 - torch's signature
+        self._derive_legacy_intercepts(state_dict, prefix)
         has_window = any(prefix + name in state_dict for name in _WINDOW_STATE)
         # A BatchNorm checkpoint has running statistics and no window; a partial state dict (say weight
         # and bias alone, strict=False) has neither, and leaves the window and counters as they are.
@@ -289,9 +285,28 @@ class CrossIterationBatchNorm(NormBase):
             # Its learned state is loaded; the window, measured under other weights, starts empty.
             self.reset_window()
             self.num_steps.zero_()
-        elif has_window and self.producer is not None and self._window_matches():
-            for slot in range(min(self.window_intercept.size(1), self.window_mean.size(0))):
-                self._store_intercepts(torch.tensor([slot], device=self.window_mean.device))
+
+    @torch.no_grad()
+    def _derive_legacy_intercepts(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """A checkpoint with the slots' past weights and biases: their intercepts in their place."""
+        weight, bias = (state_dict.pop(prefix + name, None) for name in _LEGACY_WINDOW)
+        keys = [prefix + k for k in ("window_mean", "window_sqmean", "window_dmean", "window_dsqmean")]
+        if weight is None or prefix + "window_intercept" in state_dict or not all(k in state_dict for k in keys):
+            return
+        mean, sqmean, dmean, dsqmean = (state_dict[k] for k in keys)
+        rows = [
+            _intercepts(
+                mean[j : j + 1], sqmean[j : j + 1], dmean[j : j + 1], dsqmean[j : j + 1], weight[j],
+                None if bias is None or bias.size(1) == 0 else bias[j],
+            )
+            for j in range(mean.size(0))
+        ]
+        if rows:
+            state_dict[prefix + "window_intercept"] = torch.stack(
+                [torch.cat([m for m, _ in rows]), torch.cat([v for _, v in rows])]
+            )
+        else:
+            state_dict[prefix + "window_intercept"] = mean.new_zeros((2, 0, mean.size(1)))
 
     def extra_repr(self) -> str:
         name = None if self.producer is None else type(self.producer).__name__
@@ -412,27 +427,22 @@ class CrossIterationBatchNorm(NormBase):
         if sums is not None and p is not None:
             # The derivatives are the sums over the count samples (and 2 / m for nu), scaled in the store.
             scale = 1 / count
-            _write_slot(self.window_dmean, slot, sums[0] * scale, burnt_in)
-            _write_slot(self.window_dsqmean, slot, sums[1] * (2 * scale), burnt_in)
-            _write_slot(self.window_weight, slot, p.weight.detach(), burnt_in)
-            if p.bias is not None:
-                _write_slot(self.window_bias, slot, p.bias.detach(), burnt_in)
-            self._store_intercepts(slot)
+            dmean, dsqmean = sums[0] * scale, sums[1] * (2 * scale)
+            _write_slot(self.window_dmean, slot, dmean, burnt_in)
+            _write_slot(self.window_dsqmean, slot, dsqmean, burnt_in)
+            # The intercepts with the weights this iteration ran with (the producer's, not yet stepped).
+            c = self.num_features
+            bias = None if p.bias is None else p.bias.detach()
+            intercepts = _intercepts(
+                mean.to(dmean.dtype).reshape(1, c),
+                torch.addcmul(var, mean, mean).to(dmean.dtype).reshape(1, c),
+                dmean.reshape(1, *self.window_dmean.shape[1:]),
+                dsqmean.reshape(1, *self.window_dsqmean.shape[1:]),
+                p.weight.detach().reshape(c, -1),
+                bias,
+            )
+            _write_slot(self.window_intercept.transpose(0, 1), slot, torch.cat(intercepts), burnt_in)
         self.window_count.add_(burnt_in.to(self.window_count.dtype))
-
-    @torch.no_grad()
-    def _store_intercepts(self, slot: Tensor) -> None:
-        """Compute ``window_intercept`` of ``slot`` (a one-element index tensor) from its stored state."""
-        rows = [buf.index_select(0, slot) for buf in (self.window_mean, self.window_sqmean)]
-        mean_0, sqmean_0 = _intercepts(
-            *rows,
-            self.window_dmean.index_select(0, slot),
-            self.window_dsqmean.index_select(0, slot),
-            self.window_weight.index_select(0, slot)[0],
-            self.window_bias.index_select(0, slot)[0] if self.window_bias.size(1) else None,
-        )
-        self.window_intercept[0].index_copy_(0, slot, mean_0)
-        self.window_intercept[1].index_copy_(0, slot, sqmean_0)
 
 
 # ----------------------------------------------------------------------------------- functional core
