@@ -676,3 +676,25 @@ def test_torch_compile_fullgraph_matches_eager(burn_in):
     for name, value in eager.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
     assert int(model[1].num_steps) == 6 and int(model[1].window_count) == 6 - burn_in
+
+
+def test_save_window_false_leaves_the_window_out_of_checkpoints():
+    producer, layer, shape = make_pair("conv2d_bias", window=4)
+    lean_producer, lean, _ = make_pair("conv2d_bias", window=4)
+    lean = CrossIterationBatchNorm(6, window=4, burn_in=0, save_window=False, dtype=DT).attach(lean_producer)
+    for _ in range(5):
+        x = torch.randn(shape, dtype=DT)
+        layer(producer(x))
+        lean(lean_producer(x))
+    full_keys, lean_keys = set(layer.state_dict()), set(lean.state_dict())
+    assert full_keys - lean_keys == {"window_count", *(k for k in full_keys if k.startswith("window_"))}
+    assert "num_steps" in lean_keys and "save_window=False" in repr(lean)
+    size = lambda m: sum(v.numel() for v in m.state_dict().values())  # noqa: E731
+    assert size(lean) < size(layer) / 3
+    # A loaded layer keeps its burn-in count and refills the window.
+    fresh_producer, fresh, _ = make_pair("conv2d_bias", window=4)
+    fresh = CrossIterationBatchNorm(6, window=4, save_window=False, dtype=DT).attach(fresh_producer)
+    fresh.load_state_dict(lean.state_dict())
+    assert int(fresh.num_steps) == 5 and int(fresh.window_count) == 0
+    lean.load_state_dict(lean.state_dict())
+    assert int(lean.window_count) == 0  # a load empties a window the checkpoint does not describe
