@@ -592,7 +592,7 @@ def test_deprecated_forms_warn_and_agree():
     torch.testing.assert_close(y, ref_dbn(x, w, b, 4, "zca", 1e-3)[0])
 
 
-@pytest.mark.parametrize("shape", [(16, 6), (4, 8, 3, 3), (4, 6, 3, 3)])
+@pytest.mark.parametrize("shape", [(16, 6), (16, 8), (4, 8, 3, 3), (4, 6, 3, 3)])
 def test_training_output_is_not_a_view(shape):
     """The block pattern of torchvision's ResNet modifies the output in place (ReLU(inplace=True), +=)."""
     x = torch.randn(shape, dtype=D64, requires_grad=True)

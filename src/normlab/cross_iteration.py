@@ -109,7 +109,7 @@ class CrossIterationBatchNorm(NormBase):
         burn_in: training steps of plain batch normalization before the window is used (the paper
             uses a burn-in while the weights still change fast); 0 starts the window at once.
         save_window: keep the window in the state dict (the default), so that a resumed run pools
-            exactly as the uninterrupted one. ``False`` leaves it out (a ResNet-18 with window 8:
+            exactly as the uninterrupted one. ``False`` leaves it out (ResNet-18 widths and depth, window 8:
             about 342 MiB of state dict with it, 43 MiB without, as with BatchNorm); a loaded layer
             then starts with an empty window and refills it over ``window - 1`` steps.
 

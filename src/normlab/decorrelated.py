@@ -664,10 +664,10 @@ def _like_input(y: Tensor, x: Tensor) -> Tensor:
 def _fresh(y: Tensor) -> Tensor:
     """``y`` as a tensor of its own: a step's output must not be a view (in-place ops on it would fail).
 
-    Judged by its storage, not ``_base`` (which tracing modes do not always set): contiguous, and the
-    whole of its storage."""
+    Judged by ``_base`` and by its storage (tracing modes do not always set ``_base``): not a view,
+    contiguous, and the whole of its storage."""
     size = y.numel() * y.element_size()
-    owns = y.is_contiguous() and y.storage_offset() == 0 and y.untyped_storage().nbytes() == size
+    owns = y._base is None and y.is_contiguous() and y.storage_offset() == 0 and y.untyped_storage().nbytes() == size
     return y if owns else y.clone(memory_format=torch.contiguous_format)
 
 

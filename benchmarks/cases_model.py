@@ -1,0 +1,128 @@
+"""Whole models, as users run them: a training step (forward, loss, backward) of a ResNet-18 written
+to torchvision's structure (in-place residual add and ReLU, 7x7 stem, max pool, [2, 2, 2, 2] basic
+blocks of 64..512 channels) at 16x3x64x64, and of a 4-layer MLP with BatchNorm1d at 512x1024; each
+kind converted from the same model against the model with torch's BatchNorm, in the same run.
+
+The label carries the state dict's size against BatchNorm's (what a checkpoint costs). Targets (time):
+brn and mobn <= 1.05x, dbn (group size 16) <= 1.3x, cbn (window 8) <= 1.5x, ghost <= 1.1x.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import torch
+from torch import nn
+
+import normlab
+
+from harness import Case, Step
+
+RESNET_INPUT = (16, 3, 64, 64)
+MLP_INPUT = (512, 1024)
+# kind -> (convert options, time target)
+KINDS = {
+    "brn": ({}, 1.05),
+    "mobn": ({}, 1.05),
+    "dbn": ({"group_size": 16}, 1.3),
+    "cbn": ({"window": 8}, 1.5),
+    "ghost": ({"virtual_batch_size": 4}, 1.1),
+}
+
+
+class BasicBlock(nn.Module):
+    """torchvision's basic block: conv3x3-bn-relu-conv3x3-bn, ``out += identity``, relu (in place)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+def resnet18(num_classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    inplanes = 64
+    for i, planes in enumerate((64, 128, 256, 512)):
+        stride = 1 if i == 0 else 2
+        layers += [BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes)]
+        inplanes = planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def mlp(width: int = 1024, depth: int = 4) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def _train_step(model: nn.Module, shape: tuple[int, ...]) -> Step:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    model.train()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+
+    return step
+
+
+def _state_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return len(buffer.getvalue())
+
+
+def _converted(build, kind: str, shape: tuple[int, ...]) -> nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = normlab.convert(build(), kind, **KINDS[kind][0])
+    model.train()(torch.randn(shape))  # one step: CBN's window starts to fill, its state is sized
+    return model
+
+
+def _cases(name: str, build, shape: tuple[int, ...]) -> list[Case]:
+    torch.manual_seed(0)
+    base_state = _state_bytes(build())
+    cases = []
+    for kind, (options, target) in KINDS.items():
+        settings = ", ".join(f"{k}={v}" for k, v in options.items())
+        state = _state_bytes(_converted(build, kind, shape)) / base_state
+        cases.append(
+            Case(
+                f"model: {name}",
+                f"{kind}{f' ({settings})' if settings else ''}, state dict {state:.2f}x",
+                shape,
+                lambda kind=kind: _train_step(_converted(build, kind, shape), shape),
+                lambda: _train_step(copy.deepcopy(build()), shape),
+                target,
+                baseline_label="BatchNorm (whole model)",
+            )
+        )
+    return cases
+
+
+CASES = [*_cases("resnet18", resnet18, RESNET_INPUT), *_cases("mlp4", mlp, MLP_INPUT)]
