@@ -12,13 +12,14 @@ Training splits the minibatch into contiguous *ghost batches* of ``v = virtual_b
 
 The running statistics take one moving-average step per ghost batch, in order, with its mean and
 unbiased variance ``sigma_k^2 m_k / (m_k - 1)`` (as the authors' code, which runs BatchNorm on each
-chunk); ``num_batches_tracked`` counts ghost batches. Inference is batch normalization with the
-running statistics. ``virtual_batch_size=None``, or a batch no larger than it, is exactly BatchNorm.
+chunk, and so does this layer: torch's kernel per ghost batch); ``num_batches_tracked`` counts ghost
+batches. Inference is batch normalization with the running statistics. ``virtual_batch_size=None``,
+or a batch no larger than it, is exactly BatchNorm.
 
 A ghost batch stays local to its process: under :func:`normlab.sync` the layer normalizes as it
 does alone (the point of ghost batches is their small size). Every ghost batch needs more than one
-value per channel in training, as BatchNorm does. The micro-batch statistics are
-:func:`normlab.kernels.micro_batch_moments`, shared with any layer that normalizes groups of samples.
+value per channel in training, as BatchNorm does. The micro-batch mechanism is
+:func:`normlab.kernels.micro_batch_norm`, shared with any layer that normalizes groups of samples.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from .base import BatchStats, NormBase
 from .checks import check_input, check_positive_int
-from .kernels import micro_batch_moments, micro_batch_sizes, normalize_micro_batches, running_update
+from .kernels import micro_batch_norm, micro_batch_sizes, running_update
 
 __all__ = ["GhostBatchNorm", "ghost_batch_norm"]
 
@@ -82,14 +83,12 @@ class GhostBatchNorm(NormBase):
 
     # ----------------------------------------------------------------------------- the paper's steps
     def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
-        mean, var, count = micro_batch_moments(x, self.virtual_batch_size)
-        y = normalize_micro_batches(x, self.virtual_batch_size, mean, var, self.eps, self.weight, self.bias)
-        return y, BatchStats(mean.detach(), var.detach(), count)
+        y, mean, var, count = micro_batch_norm(x, self.virtual_batch_size, self.weight, self.bias, self.eps)
+        return y, BatchStats(mean, var, count)
 
     def update_running(self, stats: BatchStats) -> None:
         """One moving-average step per ghost batch, in order (``num_batches_tracked`` counts them)."""
-        for mean, var, count in zip(stats.mean, stats.var, stats.count):
-            running_update(self.running_mean, self.running_var, mean, var, count, self.step_factor())
+        _ghost_steps(self, stats.mean, stats.var, stats.count, self.momentum)
 
 
 def ghost_batch_norm(
@@ -116,9 +115,36 @@ def ghost_batch_norm(
         return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     smallest = min(micro_batch_sizes(x.size(0), virtual_batch_size), default=0)
     check_input("ghost_batch_norm", x[:smallest], x.size(1), True)
-    mean, var, count = micro_batch_moments(x, virtual_batch_size)
-    y = normalize_micro_batches(x, virtual_batch_size, mean, var, eps, weight, bias)
+    y, mean, var, count = micro_batch_norm(x, virtual_batch_size, weight, bias, eps)
     if momentum is not None and running_mean is not None:
-        for m, v, c in zip(mean.detach(), var.detach(), count):
-            running_update(running_mean, running_var, m, v, c, momentum)
+        _ema_steps(running_mean, running_var, mean, var, count, momentum)
     return y
+
+
+# ----------------------------------------------------------------------------------- kernels
+@torch.no_grad()
+def _ghost_steps(layer: GhostBatchNorm, mean: Tensor, var: Tensor, count: Tensor, momentum: float | None) -> None:
+    """The layer's running statistics after one moving-average step per ghost batch."""
+    if momentum is None:  # a cumulative average: each step's factor depends on the count so far
+        for m, v, c in zip(mean, var, count):
+            running_update(layer.running_mean, layer.running_var, m, v, c, layer.step_factor())
+        return
+    layer.num_batches_tracked.add_(mean.size(0))
+    _ema_steps(layer.running_mean, layer.running_var, mean, var, count, momentum)
+
+
+def _ema_steps(
+    running_mean: Tensor, running_var: Tensor | None, mean: Tensor, var: Tensor, count: Tensor, f: float
+) -> None:
+    """``G`` moving-average steps at rate ``f`` in one: ``r_G = (1 - f)^G r_0 + sum_k f (1 - f)^(G-1-k) s_k``.
+
+    ``mean``/``var`` are ``(G, C)`` (biased variances over ``count`` values each). Equal to the ``G``
+    steps in order up to rounding, in two small ops per statistic instead of ``2 G``.
+    """
+    g = mean.size(0)
+    weights = f * (1 - f) ** torch.arange(g - 1, -1, -1, dtype=mean.dtype, device=mean.device)
+    keep = (1 - f) ** g
+    unbiased = var * (count / (count - 1)).unsqueeze(-1)
+    for running, values in ((running_mean, mean), (running_var, unbiased)):
+        if running is not None:
+            running.mul_(keep).add_((weights @ values.to(running.dtype).reshape(g, -1)).to(running.dtype))

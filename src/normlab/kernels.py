@@ -37,8 +37,7 @@ __all__ = [
     "running_update",
     "params_in",
     "micro_batch_sizes",
-    "micro_batch_moments",
-    "normalize_micro_batches",
+    "micro_batch_norm",
 ]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -324,46 +323,27 @@ def micro_batch_sizes(n: int, size: int | None) -> list[int]:
     return [size] * (n // size) + ([n % size] if n % size else [])
 
 
-def micro_batch_moments(x: Tensor, size: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per micro-batch and channel, the mean and biased variance of ``x`` ``(N, C, *)``, ``(G, C)`` each
-    (float32 for half inputs; differentiable), and each micro-batch's value count ``(G,)``."""
-    sizes = micro_batch_sizes(x.size(0), size)
-    xs = x.to(stat_dtype(x))
-    per_sample = xs[0].numel() // max(xs.size(1), 1) if xs.size(0) else 0
-    count = torch.tensor([s * per_sample for s in sizes], dtype=xs.dtype, device=x.device)
-    if len(sizes) == 1:
-        var, mean = torch.var_mean(xs, dim=reduce_dims(xs), correction=0)
-        return mean.unsqueeze(0), var.unsqueeze(0), count
-    if len(set(sizes)) == 1:  # equal micro-batches: one reduction over a (G, size, C, L) view
-        v = xs.reshape(len(sizes), sizes[0], xs.size(1), -1)
-        var, mean = torch.var_mean(v, dim=(1, 3), correction=0)
-        return mean, var, count
-    parts = [torch.var_mean(p, dim=reduce_dims(p), correction=0) for p in xs.split(sizes)]
-    return torch.stack([m for _, m in parts]), torch.stack([v for v, _ in parts]), count
+def micro_batch_norm(
+    x: Tensor, size: int | None, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batch normalization of each contiguous micro-batch of ``x`` ``(N, C, *)`` with its own statistics.
 
-
-def normalize_micro_batches(
-    x: Tensor,
-    size: int | None,
-    mean: Tensor,
-    var: Tensor,
-    eps: float,
-    weight: Tensor | None,
-    bias: Tensor | None,
-) -> Tensor:
-    """``weight * (x - mean_k) / sqrt(var_k + eps) + bias`` for the samples of micro-batch ``k``.
-
-    ``mean`` and ``var`` are ``(G, C)`` (one row per micro-batch of :func:`micro_batch_sizes`); the
-    output has ``x``'s dtype and memory format.
+    Returns ``y`` and, per micro-batch of :func:`micro_batch_sizes`, the mean and biased variance
+    ``(G, C)`` (no gradient) and the value count ``(G,)``. torch's own kernel on each micro-batch
+    (twice differentiable, as BatchNorm), which leaves the micro-batch's mean and unbiased variance
+    in scratch "running" buffers it is given with momentum 1; the outputs are joined in one copy.
     """
     sizes = micro_batch_sizes(x.size(0), size)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(scale.dtype)
-    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
-    if len(sizes) > 1:  # one row per sample
-        repeats = torch.tensor(sizes, device=x.device)
-        scale = scale.repeat_interleave(repeats, dim=0, output_size=x.size(0))
-        shift = shift.repeat_interleave(repeats, dim=0, output_size=x.size(0))
-    shape = (scale.size(0), -1) + (1,) * (x.dim() - 2)
-    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape)).to(x.dtype)
+    sdt = stat_dtype(x)
+    scratch = x.new_zeros((2, len(sizes), x.size(1)), dtype=sdt)
+    weight, bias = params_in(sdt, weight, bias)
+    parts = [
+        torch.nn.functional.batch_norm(chunk, scratch[0, k], scratch[1, k], weight, bias, True, 1.0, eps)
+        for k, chunk in enumerate(x.split(sizes) if len(sizes) > 1 else (x,))
+    ]
+    y = parts[0] if len(parts) == 1 else torch.cat(parts)
+    per_sample = x[0].numel() // max(x.size(1), 1) if x.size(0) else 0
+    count = torch.tensor([s * per_sample for s in sizes], dtype=sdt, device=x.device)
+    # (the kernel saved the scratch buffers for its backward: no in-place op on them)
+    var = scratch[1] * ((count - 1) / count).unsqueeze(-1)
+    return y, scratch[0].clone(), var, count
