@@ -304,19 +304,10 @@ class CrossIterationBatchNorm(NormBase):
         if weight is None or prefix + "window_intercept" in state_dict or not all(k in state_dict for k in keys):
             return
         mean, sqmean, dmean, dsqmean = (state_dict[k] for k in keys)
-        rows = [
-            _intercepts(
-                mean[j : j + 1], sqmean[j : j + 1], dmean[j : j + 1], dsqmean[j : j + 1], weight[j],
-                None if bias is None or bias.size(1) == 0 else bias[j],
-            )
-            for j in range(mean.size(0))
-        ]
-        if rows:
-            state_dict[prefix + "window_intercept"] = torch.stack(
-                [torch.cat([m for m, _ in rows]), torch.cat([v for _, v in rows])]
-            )
-        else:
-            state_dict[prefix + "window_intercept"] = mean.new_zeros((2, 0, mean.size(1)))
+        bias = None if bias is None or bias.size(1) == 0 else bias
+        state_dict[prefix + "window_intercept"] = torch.stack(
+            _slot_intercepts(mean, sqmean, dmean, dsqmean, weight, bias)
+        )
 
     def extra_repr(self) -> str:
         name = None if self.producer is None else type(self.producer).__name__
@@ -341,8 +332,8 @@ class CrossIterationBatchNorm(NormBase):
         as plain batch normalization; compiled, a burn-in step is the pooled step with an empty window
         (the same values) whose window write is masked out.
         """
-        burnt_in = self.num_steps >= self.burn_in
-        if not self.training or self.window == 1 or not (torch.compiler.is_compiling() or bool(burnt_in)):
+        burnt_in = None if not self.training or self.window == 1 else self.num_steps >= self.burn_in
+        if burnt_in is None or not (torch.compiler.is_compiling() or bool(burnt_in)):
             self._captured = None
             y, mean, var, count = _batch_norm_step(x, self.weight, self.bias, self.eps, group)
             return y, BatchStats(mean, var, count)
@@ -426,14 +417,15 @@ class CrossIterationBatchNorm(NormBase):
     def _push(
         self, burnt_in: Tensor, mean: Tensor, var: Tensor, sums: tuple[Tensor, Tensor] | None, count: Tensor | float
     ) -> None:
-        """Store this iteration's statistics, derivatives and producer weights in the oldest slot.
+        """Store this iteration's statistics, derivatives and Taylor-step intercepts in the oldest slot.
 
         The slot (``window_count`` modulo ``k - 1``) is a tensor index; a step that is still in the
         burn-in (``burnt_in`` false, compiled only) writes nothing and does not count.
         """
         slot = (self.window_count % (self.window - 1)).reshape(1)
+        sqmean = torch.addcmul(var, mean, mean)
         _write_slot(self.window_mean, slot, mean, burnt_in)
-        _write_slot(self.window_sqmean, slot, torch.addcmul(var, mean, mean), burnt_in)
+        _write_slot(self.window_sqmean, slot, sqmean, burnt_in)
         p = self.producer
         if sums is not None and p is not None:
             # The derivatives are the sums over the count samples (and 2 / m for nu), scaled in the store.
@@ -446,7 +438,7 @@ class CrossIterationBatchNorm(NormBase):
             bias = None if p.bias is None else p.bias.detach()
             intercepts = _intercepts(
                 mean.to(dmean.dtype).reshape(1, c),
-                torch.addcmul(var, mean, mean).to(dmean.dtype).reshape(1, c),
+                sqmean.to(dmean.dtype).reshape(1, c),
                 dmean.reshape(1, *self.window_dmean.shape[1:]),
                 dsqmean.reshape(1, *self.window_dsqmean.shape[1:]),
                 p.weight.detach().reshape(c, -1),
@@ -550,15 +542,7 @@ def compensate(
     """
     if bias is None or old_bias is None:
         bias = old_bias = None
-    parts = [
-        _intercepts(
-            mean[j : j + 1], sqmean[j : j + 1], dmean[j : j + 1], dsqmean[j : j + 1], old_weight[j],
-            None if old_bias is None else old_bias[j],
-        )
-        for j in range(mean.size(0))
-    ]
-    mean_0 = torch.cat([m for m, _ in parts]) if parts else mean
-    sqmean_0 = torch.cat([v for _, v in parts]) if parts else sqmean
+    mean_0, sqmean_0 = _slot_intercepts(mean, sqmean, dmean, dsqmean, old_weight, old_bias)
     return _taylor_step(mean_0, sqmean_0, mean, dmean, dsqmean, weight.reshape(mean.size(1), -1), bias)
 
 
@@ -750,23 +734,20 @@ def _write_slot(buf: Tensor, slot: Tensor, value: Tensor, keep: Tensor) -> None:
 
 
 def _pool(
-    mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor, valid: Tensor | None = None
+    mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor, valid: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``mu_bar`` and ``sigma_bar^2`` of the pooled window from the current batch's mean and biased variance.
 
-    ``valid`` (``(n,)`` bool) marks the past rows to pool (all by default); the others count as absent.
+    ``valid`` (``(n,)`` bool) marks the past rows to pool; the others count as absent.
     """
     past_mean = past_mean.detach().to(mean.dtype)
     past_sqmean = past_sqmean.detach().to(mean.dtype)
     # max(nu, mu^2): a compensated nu may fall below mu^2; the current nu_t = var + mu^2 never does.
     past_sqmean = torch.maximum(past_sqmean, past_mean.square())
-    if valid is None:
-        n = past_mean.size(0) + 1
-    else:
-        n = valid.sum().to(mean.dtype) + 1
-        keep = valid.unsqueeze(-1)
-        past_mean = torch.where(keep, past_mean, 0.0)
-        past_sqmean = torch.where(keep, past_sqmean, 0.0)
+    n = valid.sum().to(mean.dtype) + 1
+    keep = valid.unsqueeze(-1)
+    past_mean = torch.where(keep, past_mean, 0.0)
+    past_sqmean = torch.where(keep, past_sqmean, 0.0)
     mean_bar = (mean + past_mean.sum(0)) / n
     sqmean_bar = (torch.addcmul(var, mean, mean) + past_sqmean.sum(0)) / n
     return mean_bar, torch.addcmul(sqmean_bar, mean_bar, mean_bar, value=-1).clamp_min(0)
@@ -839,6 +820,23 @@ def _intercepts(
         mean_0 = mean_0 - bias
         sqmean_0 = torch.addcmul(sqmean_0, mean, bias, value=-2)
     return mean_0, sqmean_0
+
+
+def _slot_intercepts(
+    mean: Tensor, sqmean: Tensor, dmean: Tensor, dsqmean: Tensor, weights: Tensor, biases: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`_intercepts` of ``n`` slots that each had their own producer weight ``weights[j]``
+    ``(C, F)`` and bias ``biases[j]``: ``(n, C)`` each."""
+    parts = [
+        _intercepts(
+            mean[j : j + 1], sqmean[j : j + 1], dmean[j : j + 1], dsqmean[j : j + 1], weights[j],
+            None if biases is None else biases[j],
+        )
+        for j in range(mean.size(0))
+    ]
+    if not parts:
+        return mean, sqmean
+    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
 
 
 def _taylor_step(

@@ -74,12 +74,9 @@ class GhostBatchNorm(NormBase):
 
         The ghost batches are local, so the check is local also when synchronized.
         """
-        if training is None or not training:
-            training = self.use_batch_stats()
         super().check_input(x, training=False)
-        if training:
-            smallest = min(micro_batch_sizes(x.size(0), self.virtual_batch_size), default=0)
-            check_input(self, x[:smallest], self.num_features, training=True)
+        if self.use_batch_stats():  # (whatever ``training`` says: the skeleton skips it when synchronized)
+            _check_ghost_batches(self, x, self.virtual_batch_size)
 
     # ----------------------------------------------------------------------------- the paper's steps
     def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
@@ -88,7 +85,7 @@ class GhostBatchNorm(NormBase):
 
     def update_running(self, stats: BatchStats) -> None:
         """One moving-average step per ghost batch, in order (``num_batches_tracked`` counts them)."""
-        _ghost_steps(self, stats.mean, stats.var, stats.count, self.momentum)
+        _ghost_steps(self, stats.mean, stats.var, stats.count)
 
 
 def ghost_batch_norm(
@@ -113,8 +110,8 @@ def ghost_batch_norm(
         if running_mean is None or running_var is None:
             raise ValueError("ghost_batch_norm: expected running_mean and running_var when training=False")
         return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-    smallest = min(micro_batch_sizes(x.size(0), virtual_batch_size), default=0)
-    check_input("ghost_batch_norm", x[:smallest], x.size(1), True)
+    check_input("ghost_batch_norm", x, x.size(1), False)
+    _check_ghost_batches("ghost_batch_norm", x, virtual_batch_size)
     y, mean, var, count = micro_batch_norm(x, virtual_batch_size, weight, bias, eps)
     if momentum is not None and running_mean is not None:
         _ema_steps(running_mean, running_var, mean, var, count, momentum)
@@ -123,8 +120,15 @@ def ghost_batch_norm(
 
 # ----------------------------------------------------------------------------------- kernels
 @torch.no_grad()
-def _ghost_steps(layer: GhostBatchNorm, mean: Tensor, var: Tensor, count: Tensor, momentum: float | None) -> None:
+def _check_ghost_batches(name: GhostBatchNorm | str, x: Tensor, size: int | None) -> None:
+    """Raise unless every ghost batch of ``x`` has more than one value per channel (the smallest is the last)."""
+    smallest = min(micro_batch_sizes(x.size(0), size), default=0)
+    check_input(name, x[:smallest], x.size(1), training=True)
+
+
+def _ghost_steps(layer: GhostBatchNorm, mean: Tensor, var: Tensor, count: Tensor) -> None:
     """The layer's running statistics after one moving-average step per ghost batch."""
+    momentum = layer.momentum
     if momentum is None:  # a cumulative average: each step's factor depends on the count so far
         for m, v, c in zip(mean, var, count):
             running_update(layer.running_mean, layer.running_var, m, v, c, layer.step_factor())
