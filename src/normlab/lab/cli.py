@@ -17,12 +17,15 @@ examples:
   normlab --list                              list the experiments
   normlab run small-batch                     one experiment, quick size, outputs in normlab-out/small-batch/
   normlab run all --out results/ --seed 1     every experiment and a summary (results/index.md)
+  normlab run all --jobs 1                    one process (the default is 2 worker processes)
   normlab run whitening --full --device cuda  more seeds and epochs, on the GPU
   torchrun --nproc_per_node=2 -m normlab.lab.cli run non-iid
                                               two processes (gloo), synchronized normalization, DDP
 
-Each experiment writes results.json, results.csv, PNG plots and report.md, prints its results
-table and a claim check (REPRODUCED / NOT REPRODUCED, computed from the numbers).
+Each experiment runs one job per seed (every method trained with that seed's initial weights and
+minibatch order), writes results.json, results.csv, PNG plots and report.md, and prints its results
+table and claim checks: each claim's paired effects over the seeds with 95 % confidence intervals
+against minimum effects fixed in the code, giving REPRODUCED / NOT REPRODUCED / INCONCLUSIVE.
 """
 
 
@@ -60,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CPU threads per process (default: 1, fastest for these small networks)",
     )
+    run.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes over the (experiment, seed) jobs (default: 2, or the CPUs if fewer; "
+        "1: serial in this process); the numbers do not depend on it",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -82,8 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "run":
         parser.print_help()
         return 2
-    from .experiments import run_all, run_experiment
+    from .experiments import EXPERIMENTS, default_jobs, run_experiments
     from .train import Context, Dist
+
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: expected at least 1")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -95,11 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and dist.active:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     ctx = Context(args.preset, args.seed, device, args.out, dist, progress=not args.no_progress)
+    names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     try:
-        if args.experiment == "all":
-            run_all(ctx)
-        else:
-            run_experiment(args.experiment, ctx)
+        run_experiments(ctx, names, jobs=args.jobs if args.jobs is not None else default_jobs())
     finally:
         dist.close()
     return 0

@@ -178,6 +178,13 @@ class History:
         times = sorted(self.step_seconds)
         return times[len(times) // 2] if times else float("nan")
 
+    def final_loss(self, fraction: float = 0.1) -> float:
+        """The mean training loss over the last ``fraction`` of the steps (at least one): where training ended."""
+        if not self.losses:
+            return float("nan")
+        tail = self.losses[-max(1, int(len(self.losses) * fraction)) :]
+        return sum(tail) / len(tail)
+
     def smoothed(self, window: int) -> list[float]:
         """Mean loss over consecutive windows of ``window`` steps."""
         w = max(1, window)

@@ -1,4 +1,4 @@
-"""Helpers the experiments share: the normalizers' options, the statistics of the claim checks, plotting.
+"""Helpers the experiments share: the normalizers' options, learning-rate grids, the effects plot, saving.
 
 Experiment modules import from here (and the :class:`Experiment` registry), never from each other.
 """
@@ -6,15 +6,23 @@ Experiment modules import from here (and the :class:`Experiment` registry), neve
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import normlab
 
-from ..report import Claim, Criterion, pyplot
+from ..report import NOT_REPRODUCED, REPRODUCED, Claim, pyplot
 
-__all__ = ["NORM_OPTION_NOTES", "norm_options", "paired_difference", "exceeds", "curve_means", "save"]
+__all__ = [
+    "NORM_OPTION_NOTES",
+    "norm_options",
+    "curve_means",
+    "grid_optimum",
+    "VERDICT_COLORS",
+    "plot_effects",
+    "save",
+]
 
 NORM_OPTION_NOTES = {
     "bn": "torch BatchNorm2d, momentum 0.1",
@@ -42,26 +50,57 @@ def norm_options(kind: str, steps: int) -> dict[str, Any]:
     return {}
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of ``a[s] - b[s]`` over seeds ``s`` (paired); the error is 0 for one seed."""
-    d = [x - y for x, y in zip(a, b)]
-    if not d:
-        return float("nan"), float("nan")
-    m = sum(d) / len(d)
-    if len(d) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
-
-
-def exceeds(claim: Claim, description: str, value: float, threshold: float) -> None:
-    """Add the strict criterion ``value > threshold`` (an effect must be larger than the noise, not equal to it)."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and value > threshold
-    claim.criteria.append(Criterion(description, float(value), float(threshold), ok))
-
-
 def curve_means(curves: Sequence[Sequence[float]]) -> list[float]:
     """Each non-empty curve's mean (a training-loss curve's area per step: lower is faster)."""
     return [sum(c) / len(c) for c in curves if c]
+
+
+def grid_optimum(scores: Mapping[float, float], what: str = "learning rate") -> tuple[float, str | None]:
+    """The grid value with the lowest score (e.g. final training loss) and a note if it lies on the grid's edge.
+
+    An optimum at the smallest or largest value of the grid means the grid may not contain the true
+    optimum, so a comparison at it may be unfair; the note says so (``None`` inside the grid, or for a
+    grid of one value, which is a fixed setting rather than a search).
+    """
+    finite = {k: v for k, v in scores.items() if math.isfinite(v)}
+    if not finite:
+        raise ValueError(f"grid_optimum: no finite score over the {what} grid {sorted(scores)}")
+    best = min(finite, key=lambda k: (finite[k], k))
+    grid = sorted(scores)
+    note = None
+    if len(grid) > 1 and best in (grid[0], grid[-1]):
+        edge = "smallest" if best == grid[0] else "largest"
+        note = f"optimum on the grid's edge: the best {what} {best:g} is the {edge} of {grid}"
+    return best, note
+
+
+VERDICT_COLORS = {REPRODUCED: "tab:green", NOT_REPRODUCED: "tab:red"}  # anything else (INCONCLUSIVE): grey
+
+
+def plot_effects(ax: Any, claims: Sequence[Claim], title: str = "effects (paired, 95 % interval)") -> None:
+    """Each effect of ``claims`` as its mean and 95 % interval on its own row, with its threshold(s).
+
+    The axis spans the intervals and the thresholds (not 0..100 %), so a 1-point effect is visible.
+    A ``greater`` effect shows its minimum effect as a dashed line, an ``equivalent`` one its margin
+    as a shaded band; the colour is the verdict (green reproduced, red not, grey inconclusive).
+    """
+    effects = [(c, e) for c in claims for e in c.effects]
+    for row, (_, e) in enumerate(effects):
+        y = len(effects) - 1 - row
+        color = VERDICT_COLORS.get(e.verdict, "tab:gray")
+        lo = e.low if math.isfinite(e.low) else e.mean
+        hi = e.high if math.isfinite(e.high) else e.mean
+        ax.errorbar([e.mean], [y], xerr=[[e.mean - lo], [hi - e.mean]], fmt="o", color=color, capsize=4)
+        if e.kind == "greater":
+            ax.plot([e.threshold] * 2, [y - 0.4, y + 0.4], color="black", linestyle="--", linewidth=1)
+        else:
+            ax.fill_betweenx([y - 0.4, y + 0.4], -e.threshold, e.threshold, color="tab:blue", alpha=0.12)
+    ax.axvline(0.0, color="gray", linewidth=0.8)
+    ax.set_yticks(range(len(effects)), [f"{c.name}:\n{e.description}" for c, e in reversed(effects)], fontsize=7)
+    units = sorted({e.unit for _, e in effects})
+    ax.set_xlabel(f"paired difference ({', '.join(units)})" if units else "paired difference")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="x")
 
 
 def save(fig: Any, out: Path, name: str) -> str:
