@@ -15,6 +15,7 @@ from .distributed import sync, unsync
 from .fold import fold
 from .freezing import freeze, is_frozen, unfreeze
 from .ghost import GhostBatchNorm
+from .kalman import BatchKalmanNorm, sum_estimates
 from .mean_only import MeanOnlyBatchNorm
 from .normprop import NormPropConv2d, NormPropLinear, NormPropReLU, Standardize, dataset_statistics
 from .pairing import find_pairs
@@ -25,6 +26,7 @@ from .weight_norm import clip_weight_norm_, init_weight_norm, is_weight_normaliz
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchKalmanNorm",
     "BatchNorm",
     "BatchRenorm",
     "BatchStats",
@@ -63,5 +65,6 @@ __all__ = [
     "is_frozen",
     "recompute_statistics",
     "statistic_shift",
+    "sum_estimates",
     "unfreeze",
 ]

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .base import BatchStats, NormBase
 from .checks import check_input, check_positive_int
-from .kernels import micro_batch_norm, micro_batch_sizes, running_update
+from .kernels import check_micro_batches, ema_steps, micro_batch_norm, micro_batch_steps
 
 __all__ = ["GhostBatchNorm", "ghost_batch_norm"]
 
@@ -76,7 +76,7 @@ class GhostBatchNorm(NormBase):
         """
         super().check_input(x, training=False)
         if self.use_batch_stats():  # (whatever ``training`` says: the skeleton skips it when synchronized)
-            _check_ghost_batches(self, x, self.virtual_batch_size)
+            check_micro_batches(self, x, self.virtual_batch_size)
 
     # ----------------------------------------------------------------------------- the paper's steps
     def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
@@ -85,7 +85,7 @@ class GhostBatchNorm(NormBase):
 
     def update_running(self, stats: BatchStats) -> None:
         """One moving-average step per ghost batch, in order (``num_batches_tracked`` counts them)."""
-        _ghost_steps(self, stats.mean, stats.var, stats.count)
+        micro_batch_steps(self, stats.mean, stats.var, stats.count)
 
 
 def ghost_batch_norm(
@@ -111,44 +111,8 @@ def ghost_batch_norm(
             raise ValueError("ghost_batch_norm: expected running_mean and running_var when training=False")
         return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     check_input("ghost_batch_norm", x, x.size(1), False)
-    _check_ghost_batches("ghost_batch_norm", x, virtual_batch_size)
+    check_micro_batches("ghost_batch_norm", x, virtual_batch_size)
     y, mean, var, count = micro_batch_norm(x, virtual_batch_size, weight, bias, eps)
     if momentum is not None and running_mean is not None:
-        _ema_steps(running_mean, running_var, mean, var, count, momentum)
+        ema_steps(running_mean, running_var, mean, var, count, momentum)
     return y
-
-
-# ----------------------------------------------------------------------------------- kernels
-@torch.no_grad()
-def _check_ghost_batches(name: GhostBatchNorm | str, x: Tensor, size: int | None) -> None:
-    """Raise unless every ghost batch of ``x`` has more than one value per channel (the smallest is the last)."""
-    smallest = min(micro_batch_sizes(x.size(0), size), default=0)
-    check_input(name, x[:smallest], x.size(1), training=True)
-
-
-def _ghost_steps(layer: GhostBatchNorm, mean: Tensor, var: Tensor, count: Tensor) -> None:
-    """The layer's running statistics after one moving-average step per ghost batch."""
-    momentum = layer.momentum
-    if momentum is None:  # a cumulative average: each step's factor depends on the count so far
-        for m, v, c in zip(mean, var, count):
-            running_update(layer.running_mean, layer.running_var, m, v, c, layer.step_factor())
-        return
-    layer.num_batches_tracked.add_(mean.size(0))
-    _ema_steps(layer.running_mean, layer.running_var, mean, var, count, momentum)
-
-
-def _ema_steps(
-    running_mean: Tensor, running_var: Tensor | None, mean: Tensor, var: Tensor, count: Tensor, f: float
-) -> None:
-    """``G`` moving-average steps at rate ``f`` in one: ``r_G = (1 - f)^G r_0 + sum_k f (1 - f)^(G-1-k) s_k``.
-
-    ``mean``/``var`` are ``(G, C)`` (biased variances over ``count`` values each). Equal to the ``G``
-    steps in order up to rounding, in two small ops per statistic instead of ``2 G``.
-    """
-    g = mean.size(0)
-    weights = f * (1 - f) ** torch.arange(g - 1, -1, -1, dtype=mean.dtype, device=mean.device)
-    keep = (1 - f) ** g
-    unbiased = var * (count / (count - 1)).unsqueeze(-1)
-    for running, values in ((running_mean, mean), (running_var, unbiased)):
-        if running is not None:
-            running.mul_(keep).add_((weights @ values.to(running.dtype).reshape(g, -1)).to(running.dtype))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checks import check_global_count
+from .checks import check_global_count, check_input
 from .comm import global_sum
 
 __all__ = [
@@ -38,6 +38,9 @@ __all__ = [
     "params_in",
     "micro_batch_sizes",
     "micro_batch_norm",
+    "check_micro_batches",
+    "micro_batch_steps",
+    "ema_steps",
 ]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -347,3 +350,44 @@ def micro_batch_norm(
     # (the kernel saved the scratch buffers for its backward: no in-place op on them)
     var = scratch[1] * ((count - 1) / count).unsqueeze(-1)
     return y, scratch[0].clone(), var, count
+
+
+@torch.no_grad()
+def check_micro_batches(module: nn.Module | str, x: Tensor, size: int | None) -> None:
+    """Raise unless every micro-batch of ``x`` has more than one value per channel (the smallest is the last)."""
+    smallest = min(micro_batch_sizes(x.size(0), size), default=0)
+    check_input(module, x[:smallest], x.size(1), training=True)
+
+
+def micro_batch_steps(layer: nn.Module, mean: Tensor, var: Tensor, count: Tensor) -> None:
+    """A layer's running statistics after one moving-average step per micro-batch, in order.
+
+    ``mean``/``var`` are ``(G, C)`` (biased variances over ``count`` ``(G,)`` values each);
+    ``num_batches_tracked`` counts micro-batches. ``layer`` keeps torch's running buffers and has
+    ``momentum`` and ``step_factor()`` (the cumulative average's factor when ``momentum`` is None).
+    """
+    momentum = layer.momentum
+    if momentum is None:  # a cumulative average: each step's factor depends on the count so far
+        for m, v, c in zip(mean, var, count):
+            running_update(layer.running_mean, layer.running_var, m, v, c, layer.step_factor())
+        return
+    layer.num_batches_tracked.add_(mean.size(0))
+    ema_steps(layer.running_mean, layer.running_var, mean, var, count, momentum)
+
+
+def ema_steps(
+    running_mean: Tensor, running_var: Tensor | None, mean: Tensor, var: Tensor, count: Tensor, f: float
+) -> None:
+    """``G`` moving-average steps at rate ``f`` in one: ``r_G = (1 - f)^G r_0 + sum_k f (1 - f)^(G-1-k) s_k``.
+
+    ``mean``/``var`` are ``(G, C)`` (biased variances over ``count`` values each; the running
+    variance moves towards the unbiased ones). Equal to the ``G`` steps in order up to rounding, in
+    two small ops per statistic instead of ``2 G``.
+    """
+    g = mean.size(0)
+    weights = f * (1 - f) ** torch.arange(g - 1, -1, -1, dtype=mean.dtype, device=mean.device)
+    keep = (1 - f) ** g
+    unbiased = var * (count / (count - 1)).unsqueeze(-1)
+    for running, values in ((running_mean, mean), (running_var, unbiased)):
+        if running is not None:
+            running.mul_(keep).add_((weights @ values.to(running.dtype).reshape(g, -1)).to(running.dtype))

@@ -3,7 +3,8 @@
 One function, :func:`find_pairs`, used by folding (which merges the pair) and by Cross-Iteration
 BN's conversion (which compensates its window for the producer's weights). A producer is a
 convolution or linear layer (:data:`PRODUCERS`) whose output goes straight into the normalization
-and nowhere else.
+and nowhere else. :func:`find_chains` extends a pair backwards through an elementwise activation to
+the normalization before it (Batch Kalman Normalization's links).
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
+from collections.abc import Callable
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .base import is_stat_norm
 
-__all__ = ["PRODUCERS", "out_channels", "is_pair", "find_pairs"]
+__all__ = ["PRODUCERS", "out_channels", "is_pair", "find_pairs", "find_chains"]
 
 #: Layers that produce a normalization's input: output channels in dimension 1 of their output.
 PRODUCERS: tuple[type, ...] = (
@@ -156,3 +160,63 @@ def find_pairs(model: nn.Module) -> list[tuple[str, str]]:
             stacklevel=2,
         )
         return _rule_pairs(model)
+
+
+_RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)
+_RELU_METHODS = ("relu", "relu_")
+
+
+def _activation(node: fx.Node, model: nn.Module) -> str | None:
+    """``"relu"``/``"identity"`` for a one-input elementwise ReLU or identity node, else ``None``."""
+    if node.op == "call_module":
+        module = model.get_submodule(node.target)
+        if isinstance(module, nn.ReLU):
+            return "relu"
+        if isinstance(module, nn.Identity):
+            return "identity"
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        return "relu"
+    if node.op == "call_method" and node.target in _RELU_METHODS:
+        return "relu"
+    return None
+
+
+def find_chains(
+    model: nn.Module, is_link: Callable[[nn.Module], bool]
+) -> tuple[list[tuple[str, str, str, str]], str | None]:
+    """``(prev, producer, activation, norm)`` for each norm that takes a producer's output, whose input
+    is ``activation(prev(...))`` for another norm ``prev``, both satisfying ``is_link``.
+
+    Found on the ``torch.fx`` graph of ``model.forward`` (as :func:`find_pairs`): the producer is a
+    conv or linear called once whose output only the norm uses; between ``prev`` and the producer
+    sits nothing, or one ReLU (module, function or method) or ``nn.Identity``, so a chain never
+    crosses an addition, a pooling or a concatenation. A ``prev`` that would feed several norms
+    feeds none. Returns the chains and, where the forward cannot be traced, why (no chains then).
+    """
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as err:  # any tracing failure: no chains rather than guessed ones
+        return [], f"cannot trace {type(model).__name__}.forward with torch.fx ({type(err).__name__}: {err})"
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    shared = _shared(model)
+    chains = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or calls[node.target] > 1:
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1 or calls[src.target] > 1:
+            continue
+        producer, norm = model.get_submodule(src.target), model.get_submodule(node.target)
+        if not (is_link(norm) and is_pair(producer, norm, shared)) or len(src.args) != 1 or src.kwargs:
+            continue
+        before = src.args[0]
+        activation = "identity"
+        if isinstance(before, fx.Node) and (found := _activation(before, model)) is not None and before.args:
+            activation, before = found, before.args[0]
+        if not isinstance(before, fx.Node) or before.op != "call_module" or calls[before.target] > 1:
+            continue
+        prev = model.get_submodule(before.target)
+        if is_link(prev) and id(prev) not in shared and prev is not norm:
+            chains.append((before.target, src.target, activation, node.target))
+    fed = Counter(c[0] for c in chains)
+    return [c for c in chains if fed[c[0]] == 1], None

@@ -24,8 +24,9 @@ from .batchnorm import BatchNorm
 from .cross_iteration import COMPENSATED, CrossIterationBatchNorm
 from .decorrelated import DecorrelatedBatchNorm
 from .ghost import GhostBatchNorm
+from .kalman import BatchKalmanNorm
 from .mean_only import MeanOnlyBatchNorm
-from .pairing import find_pairs
+from .pairing import find_chains, find_pairs
 from .surgery import common_settings, replace_module, transfer_state
 
 __all__ = [
@@ -161,18 +162,41 @@ def _pair_converted(model: nn.Module, report: ConversionReport, kwargs: dict[str
         )
 
 
+def _link_kalman(model: nn.Module, report: ConversionReport, kwargs: dict[str, Any]) -> None:
+    """The ``"bkn"`` kind's finalizer: link each new layer to the BKN layer before it, report the links.
+
+    A link is :func:`normlab.pairing.find_chains`'s: a conv or linear feeds the layer, and its input
+    is a ReLU or identity of another new layer's output (never across a sum, a pooling or a
+    concatenation). Unlinked layers use their observation alone (ghost BN).
+    """
+    new = {name for name, _, cls in report.converted if cls == BatchKalmanNorm.__name__}
+    chains, why = find_chains(model, lambda m: isinstance(m, BatchKalmanNorm))
+    for prev, producer, activation, norm in chains:
+        if prev in new and norm in new:
+            layer = model.get_submodule(norm)
+            layer.attach(model.get_submodule(producer), prev=model.get_submodule(prev), activation=activation)
+            report.links.append((prev, producer, activation, norm))
+    if why is not None and len(new) > 1:
+        warnings.warn(f"convert: no BatchKalmanNorm layer was linked: {why}; link them with .attach()", stacklevel=3)
+
+
 @dataclass
 class ConversionReport:
-    """What :func:`convert` did: ``converted`` as ``(name, old class, new class)``, and ``skipped``."""
+    """What :func:`convert` did: ``converted`` as ``(name, old class, new class)``, ``skipped``, and the
+    ``links`` it made as ``(prev, producer, activation, norm)`` (Batch Kalman Normalization)."""
 
     to: str
     converted: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    links: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"convert to {self.to!r}: {len(self.converted)} converted, {len(self.skipped)} skipped"]
         lines += [f"  {n or '<model>'}: {a} -> {b}" for n, a, b in self.converted]
         lines += [f"  {n or '<model>'}: skipped ({why})" for n, why in self.skipped]
+        if self.links:
+            lines.append(f"  {len(self.links)} link(s): each norm predicts from the one before it")
+            lines += [f"  {n}: from {p} through {a} and {c}" for p, c, a, n in self.links]
         return "\n".join(lines)
 
 
@@ -295,6 +319,14 @@ for _kind in (
         (GhostBatchNorm,),
         "Ghost batch normalization (Hoffer et al. 2017): each virtual batch of virtual_batch_size samples "
         "(default 32) normalized with its own statistics",
+    ),
+    Kind(
+        "bkn",
+        build_normbase(BatchKalmanNorm),
+        (BatchKalmanNorm,),
+        "Batch Kalman Normalization (Wang et al. 2018): each micro-batch's statistics combined with the "
+        "previous layer's estimate, options p (gain, default 0.9), micro_batch (samples per group)",
+        finalize=_link_kalman,
     ),
     Kind(
         "mobn",

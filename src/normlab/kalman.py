@@ -1,0 +1,491 @@
+"""Batch Kalman Normalization (Wang, Peng, Luo, Wang, Lin, "Batch Kalman Normalization: Towards
+Training Deep Neural Networks with Micro-Batches", arXiv 1802.03133; NeurIPS 2018 as "Kalman
+Normalization: Normalizing Internal Representations Across Network Layers").
+
+BKN estimates a layer's statistics from its own micro-batch *and* from the estimate of the layer
+before it, as a Kalman filter combines an observation with a prediction carried through the system.
+
+Training splits the batch into contiguous micro-batches of ``micro_batch`` samples (``None``: one
+group; the last holds the remainder). For each group ``g`` and channel, over its ``m_g`` values::
+
+    observation   mu_obs, var_obs      the group's mean and biased variance
+    prediction    mu_pred, var_pred    the previous BKN layer's posterior carried through the
+                                       activation and the layer between the two norms (below)
+    posterior     mu  = p mu_pred  + (1 - p) mu_obs
+                  var = p var_pred + (1 - p) var_obs + p (1 - p) (mu_obs - mu_pred)^2
+    output        y = gamma (x - mu) / sqrt(var + eps) + beta
+
+The posterior is the mean and variance of the p : (1 - p) mixture of the two estimates. The gain
+``p`` is fixed (no gradient); gradients flow through the observation and through the prediction
+into the producer's weights and the earlier layers' estimates.
+
+The transition. The previous layer's posterior ``(mu_h, var_h)`` of *its* (un-normalized) input
+``h`` is carried through the activation ``phi`` and the conv or linear layer ``W, b`` that feeds
+this one, with that layer's own weights, taking inputs and kernel taps as independent::
+
+    E[phi(h)], Var[phi(h)]             ReLU: the rectified Gaussian's moments; identity: (mu_h, var_h)
+    mu_pred  = sum_{i, taps} W[o, i, t]   E[phi(h_i)] + b[o]
+    var_pred = sum_{i, taps} W[o, i, t]^2 Var[phi(h_i)]
+
+What follows the paper and what the authors' code (wanggrun/Kalman-Normalization,
+``KalmanNorm/kalman_norm.py`` and ``cifar-kn-microbatch.py``) decided where the paper leaves a
+choice open:
+
+* paper: the micro-batch observation, the prediction from the preceding layer, the gain ``p`` and
+  the posterior update above; the first layer (or one without a linked predecessor) uses its
+  observation alone, i.e. is ghost batch normalization;
+* code: the gain is a fixed 0.9; the previous posterior enters the activation *un-normalized*
+  (the code samples ``relu(N(mu_h, var_h))``, not the previous layer's normalized, affine output);
+  the prediction passes through the same conv, with its weights; the groups are contiguous
+  micro-batches. The code estimates the transition by Monte Carlo (one random map per step); this
+  layer computes its deterministic limit in closed form (equal at interior positions; the code's
+  zero padding pulls border positions towards ``b``);
+* code, off by default here: a guard that falls back to the observation when the mean ratio
+  ``var_pred / var_obs`` over the layer's groups and channels reaches 100 (``max_variance_ratio``);
+* this layer: the running statistics take one moving-average step per group from its posterior
+  (unbiased variance ``var m_g / (m_g - 1)``, as torch stores it; the code keeps a biased moving
+  variance of the first group), so ``p = 0`` is exactly ghost BN and one group without a prior is
+  exactly BN. Inference is BN with the running statistics.
+
+Residual networks: the code adds the estimates of the two branches of a residual sum (means add,
+variances add: independent branches). :func:`sum_estimates` is that rule; links are made by hand
+(:meth:`BatchKalmanNorm.attach`, ``forward(x, prior=...)``), never across a sum by
+:func:`normlab.convert`.
+
+Micro-batches stay local to a process under :func:`normlab.sync`, as ghost batches do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import BatchStats, NormBase
+from .checks import check_input, check_positive_int, layer_name
+from .kernels import (
+    check_micro_batches,
+    ema_steps,
+    micro_batch_norm,
+    micro_batch_sizes,
+    micro_batch_steps,
+    params_in,
+    stat_dtype,
+)
+
+__all__ = [
+    "BatchKalmanNorm",
+    "batch_kalman_norm",
+    "kalman_update",
+    "predict",
+    "relu_moments",
+    "sum_estimates",
+    "TRANSITIONS",
+    "ACTIVATIONS",
+]
+
+#: Layers a prediction can pass through (their output channels in dimension 1).
+TRANSITIONS: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Elementwise activations between a BKN layer and the next layer's producer.
+ACTIVATIONS = ("relu", "identity")
+
+Estimate = tuple[Tensor, Tensor]
+
+
+class BatchKalmanNorm(NormBase):
+    """Batch Kalman Normalization over inputs ``(N, C, *)`` (Wang et al. 2018); see the module docstring.
+
+    Args:
+        num_features: ``C``.
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as torch's BatchNorm
+            (``momentum`` is per micro-batch).
+        p: the Kalman gain given to the prediction, in ``[0, 1]`` (the authors' 0.9); ``0`` is ghost BN.
+        micro_batch: samples per micro-batch (the last holds the remainder); ``None``: one group.
+        max_variance_ratio: the authors' code's guard, off by default: where the mean of
+            ``var_pred / var_obs`` over the groups and channels reaches it, the layer uses its
+            observation alone for that step (the code uses 100).
+
+    A training forward publishes its posterior (:attr:`posterior`) for the layer linked after it
+    (:meth:`attach`), which takes it in its own forward of the same pass. ``forward(x, prior=(mean,
+    var))`` gives the prediction explicitly instead (a ``(C,)`` or ``(groups, C)`` mean and variance).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        p: float = 0.9,
+        micro_batch: int | None = None,
+        max_variance_ratio: float | None = None,
+    ) -> None:
+        name = type(self).__name__
+        _check_gain(name, p)
+        if micro_batch is not None:
+            check_positive_int(name, "micro_batch", micro_batch)
+        if max_variance_ratio is not None and not (
+            isinstance(max_variance_ratio, (int, float)) and max_variance_ratio > 0
+        ):
+            raise ValueError(f"{name}: expected max_variance_ratio > 0 or None, got {max_variance_ratio!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.p = float(p)
+        self.micro_batch = micro_batch
+        self.max_variance_ratio = None if max_variance_ratio is None else float(max_variance_ratio)
+        # (prev, transition, activation): plain tuples, so neither module becomes a submodule.
+        self._link: tuple[BatchKalmanNorm, nn.Module, str] | None = None
+        self._consumer: tuple[BatchKalmanNorm] | None = None  # the layer attached to this one
+        self._posterior: Estimate | None = None
+        self._prior: Estimate | None = None
+
+    def extra_repr(self) -> str:
+        s = f"{super().extra_repr()}, p={self.p}, micro_batch={self.micro_batch}"
+        if self.max_variance_ratio is not None:
+            s += f", max_variance_ratio={self.max_variance_ratio}"
+        return s
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pass's estimates (tensors with their graph) are not state: copies and pickles start without.
+        return {**super().__getstate__(), "_posterior": None, "_prior": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_link", None)
+        self.__dict__.setdefault("_consumer", None)
+        self.__dict__.setdefault("_posterior", None)
+        self.__dict__.setdefault("_prior", None)
+
+    # ----------------------------------------------------------------------------- links
+    def attach(
+        self, layer: nn.Module | None, prev: BatchKalmanNorm | None = None, activation: str = "relu"
+    ) -> BatchKalmanNorm:
+        """Predict this layer's statistics from ``prev``'s posterior through ``activation`` and ``layer``.
+
+        ``layer`` is the conv or linear (:data:`TRANSITIONS`) whose output this layer normalizes,
+        ``prev`` the BKN layer whose normalized output, after ``activation`` (:data:`ACTIVATIONS`),
+        is ``layer``'s input; a layer feeds at most one other. ``attach(None)`` removes the link
+        (the layer is then ghost BN unless given a ``prior``). Returns ``self``.
+        """
+        name = layer_name(self)
+        if layer is None:
+            self._unlink()
+            return self
+        if not isinstance(layer, TRANSITIONS):
+            kinds = ", ".join(t.__name__ for t in TRANSITIONS)
+            raise ValueError(
+                f"{name}.attach: expected the layer between the two norms to be one of {kinds}, "
+                f"got {type(layer).__name__}"
+            )
+        if not isinstance(prev, BatchKalmanNorm) or prev is self:
+            raise ValueError(f"{name}.attach: expected prev to be another BatchKalmanNorm, got {type(prev).__name__}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{name}.attach: expected activation in {ACTIVATIONS}, got {activation!r}")
+        outs = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        ins = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        if outs != self.num_features or ins != prev.num_features:
+            raise ValueError(
+                f"{name}.attach: expected {type(layer).__name__} from prev's {prev.num_features} to this layer's "
+                f"{self.num_features} channels, got {ins} -> {outs}"
+            )
+        if prev.micro_batch != self.micro_batch:
+            raise ValueError(
+                f"{name}.attach: expected prev to split batches as this layer (micro_batch={self.micro_batch}), "
+                f"got micro_batch={prev.micro_batch}"
+            )
+        if prev._consumer is not None and prev._consumer[0] is not self:
+            raise ValueError(
+                f"{name}.attach: prev already feeds another {type(self).__name__} (a posterior serves one "
+                "layer); detach that one first with attach(None)"
+            )
+        self._unlink()
+        self._link = (prev, layer, activation)
+        prev._consumer = (self,)
+        return self
+
+    def _unlink(self) -> None:
+        if self._link is not None:
+            self._link[0]._consumer = None
+        self._link = None
+
+    @property
+    def link(self) -> tuple[BatchKalmanNorm, nn.Module, str] | None:
+        """``(prev, layer, activation)`` as given to :meth:`attach`, or ``None``."""
+        return self._link
+
+    @property
+    def posterior(self) -> Estimate | None:
+        """The ``(groups, C)`` posterior mean and variance of this layer's input in the last training
+        forward, until the linked layer after it takes it (``None`` after an eval forward)."""
+        return self._posterior
+
+    # ----------------------------------------------------------------------------- the paper's steps
+    def forward(self, x: Tensor, prior: Estimate | None = None) -> Tensor:
+        """Normalize ``x`` ``(N, C, *)``; ``prior``: an explicit ``(mean, var)`` prediction (training only)."""
+        if not self.use_batch_stats():
+            self._posterior = None  # nothing estimated: the next layer must not predict from an older pass
+            return super().forward(x)
+        self._prior = prior
+        try:
+            return super().forward(x)
+        finally:
+            self._prior = None
+
+    def check_input(self, x: Tensor, training: bool | None = None) -> None:
+        """As every layer's, and in training every micro-batch needs more than one value per channel."""
+        super().check_input(x, training=False)
+        if self.use_batch_stats():
+            check_micro_batches(self, x, self.micro_batch)
+
+    def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
+        sizes = micro_batch_sizes(x.size(0), self.micro_batch)
+        prediction = self._prediction(x, len(sizes))
+        feeds = self._consumer is not None
+        y, mean, var, count = _kalman_step(
+            x, sizes, self.weight, self.bias, self.eps, self.p, prediction, self.max_variance_ratio, feeds
+        )
+        self._posterior = (mean, var)
+        return y, BatchStats(mean.detach(), var.detach(), count)
+
+    def update_running(self, stats: BatchStats) -> None:
+        """One moving-average step per micro-batch from its posterior (``num_batches_tracked`` counts them)."""
+        micro_batch_steps(self, stats.mean, stats.var, stats.count)
+
+    def _prediction(self, x: Tensor, groups: int) -> Estimate | None:
+        """The explicit prior, or the linked predecessor's posterior carried forward (taking it), or None."""
+        name = layer_name(self)
+        if self._prior is not None:
+            return _check_estimate(name, "prior", self._prior, groups, self.num_features, x)
+        if self._link is None:
+            return None
+        prev, layer, activation = self._link
+        estimate = prev._posterior
+        if estimate is None:
+            return None
+        _check_estimate(name, "the linked layer's posterior", estimate, groups, prev.num_features, x)
+        prev._posterior = None  # taken: one pass's estimate serves one forward
+        return predict(*estimate, layer, activation)
+
+
+def _check_gain(name: str, p: Any) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name}: expected the gain p in [0, 1], got {p!r}")
+
+
+def _check_estimate(name: str, what: str, estimate: Any, groups: int, channels: int, x: Tensor) -> Estimate:
+    """Raise unless ``estimate`` is a (mean, var) pair of ``(C,)`` or ``(groups, C)`` floating tensors."""
+    if not (isinstance(estimate, (tuple, list)) and len(estimate) == 2):
+        raise ValueError(f"{name}: expected {what} as a (mean, var) pair of tensors, got {type(estimate).__name__}")
+    for t in estimate:
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name}: expected {what} as floating-point tensors, got {type(t).__name__}")
+        if tuple(t.shape) not in ((channels,), (groups, channels)):
+            raise ValueError(
+                f"{name}: expected {what} of shape ({channels},) or ({groups}, {channels}) (the batch's "
+                f"{groups} micro-batch(es) of {x.size(0)} samples), got {tuple(t.shape)}"
+            )
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected {what} on {x.device}, got {t.device}")
+    return estimate[0], estimate[1]
+
+
+def batch_kalman_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    p: float = 0.9,
+    micro_batch: int | None = None,
+    prior: Estimate | None = None,
+    max_variance_ratio: float | None = None,
+) -> Tensor:
+    """Batch Kalman normalization of ``x`` ``(N, C, *)``, in ``F.batch_norm``'s shape.
+
+    ``training=False``: batch normalization with the running statistics. ``training=True``: each
+    micro-batch with its posterior from its observation and ``prior`` (the prediction, ``(C,)`` or
+    ``(groups, C)`` mean and variance; ``None``: the observation alone, i.e. ghost BN); with a
+    ``momentum``, the running statistics that are given take one step per micro-batch in place.
+    """
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError("batch_kalman_norm: expected running_mean and running_var when training=False")
+        return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    _check_gain("batch_kalman_norm", p)
+    check_input("batch_kalman_norm", x, x.size(1), False)
+    check_micro_batches("batch_kalman_norm", x, micro_batch)
+    sizes = micro_batch_sizes(x.size(0), micro_batch)
+    if prior is not None:
+        prior = _check_estimate("batch_kalman_norm", "prior", prior, len(sizes), x.size(1), x)
+    y, mean, var, count = _kalman_step(x, sizes, weight, bias, eps, p, prior, max_variance_ratio)
+    if momentum is not None and running_mean is not None:
+        with torch.no_grad():
+            ema_steps(running_mean, running_var, mean.detach(), var.detach(), count, momentum)
+    return y
+
+
+def kalman_update(obs: Estimate, pred: Estimate, p: float) -> Estimate:
+    """The posterior: the mean and variance of the ``p : (1 - p)`` mixture of ``pred`` and ``obs``."""
+    (mu_o, var_o), (mu_p, var_p) = obs, pred
+    mean = p * mu_p + (1 - p) * mu_o
+    var = p * var_p + (1 - p) * var_o + p * (1 - p) * (mu_o - mu_p).square()
+    return mean, var
+
+
+def relu_moments(mean: Tensor, var: Tensor) -> Estimate:
+    """Mean and variance of ``relu(h)`` for ``h ~ N(mean, var)`` (the rectified Gaussian), elementwise.
+
+    Written with ``erfc`` for both tails, so that neither ``Phi`` nor ``1 - Phi`` cancels: far on the
+    positive side the variance tends to ``var``, far on the negative side to 0.
+    """
+    s = var.clamp_min(0).sqrt().clamp_min(torch.finfo(var.dtype).tiny ** 0.5)
+    a = mean / s
+    upper = 0.5 * torch.erfc(-a / math.sqrt(2))  # Phi(a)
+    lower = 0.5 * torch.erfc(a / math.sqrt(2))  # 1 - Phi(a)
+    density = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    e = mean * upper + s * density
+    # E[r^2] - E[r]^2 with its mean^2 (Phi - Phi^2) term written as mean^2 Phi (1 - Phi).
+    v = mean.square() * upper * lower + var * upper + mean * s * density * (lower - upper) - (s * density).square()
+    return e, v.clamp_min(0)
+
+
+def predict(mean: Tensor, var: Tensor, layer: nn.Module, activation: str = "relu") -> Estimate:
+    """The statistics of ``layer(activation(h))`` per output channel, from ``h``'s ``(..., C_in)`` mean and variance.
+
+    Closed form, taking inputs and kernel taps as independent: ``W E[phi] + b`` and ``W^2 Var[phi]``
+    summed over inputs and taps (a grouped conv sums over its group's inputs). Computed in the
+    statistics' dtype (float32 under autocast).
+    """
+    if activation == "relu":
+        mean, var = relu_moments(mean, var)
+    elif activation != "identity":
+        raise ValueError(f"predict: expected activation in {ACTIVATIONS}, got {activation!r}")
+    weight = layer.weight.to(mean.dtype)
+    b = layer.bias
+    with torch.autocast(mean.device.type, enabled=False):
+        if isinstance(layer, nn.Linear):
+            mu = mean @ weight.t()
+            v = var @ weight.square().t()
+        elif isinstance(layer, TRANSITIONS):
+            g = layer.groups
+            w1 = weight.flatten(2).sum(-1)  # (C_out, C_in / g)
+            w2 = weight.square().flatten(2).sum(-1)
+            c_out, c_in_g = w1.shape
+            lead = mean.shape[:-1]
+            w1 = w1.reshape(g, c_out // g, c_in_g)
+            w2 = w2.reshape(g, c_out // g, c_in_g)
+            e = mean.reshape(*lead, g, c_in_g)
+            d = var.reshape(*lead, g, c_in_g)
+            mu = torch.einsum("...gi,goi->...go", e, w1).reshape(*lead, c_out)
+            v = torch.einsum("...gi,goi->...go", d, w2).reshape(*lead, c_out)
+        else:
+            raise ValueError(
+                f"predict: expected one of {[t.__name__ for t in TRANSITIONS]}, got {type(layer).__name__}"
+            )
+        if b is not None:
+            mu = mu + b.to(mu.dtype)
+    return mu, v
+
+
+def sum_estimates(*estimates: Estimate) -> Estimate:
+    """The estimate of a sum of independent branches (a residual sum): means add, variances add."""
+    if not estimates:
+        raise ValueError("sum_estimates: expected at least one (mean, var) estimate")
+    mean = sum(e[0] for e in estimates)
+    var = sum(e[1] for e in estimates)
+    return mean, var
+
+
+# ----------------------------------------------------------------------------------- kernels
+def _kalman_step(
+    x: Tensor,
+    sizes: list[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    p: float,
+    prediction: Estimate | None,
+    max_ratio: float | None,
+    differentiable: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normalize each micro-batch of ``x`` with its posterior; return ``y``, the ``(G, C)`` posterior
+    mean and biased variance (with their graph), and the value counts ``(G,)``.
+
+    Without a prediction (or with ``p = 0``) the posterior is the observation: torch's batch-norm
+    kernel per micro-batch (:func:`normlab.kernels.micro_batch_norm`), exactly ghost BN, and with
+    ``differentiable`` (a layer after this one predicts from it) its moments once more with their
+    graph. Otherwise
+    the observation's moments are differentiable ``var_mean``s over each micro-batch and the output
+    is ``x * A + B`` with the per-(group, channel) scale and shift of the posterior.
+    """
+    sdt = stat_dtype(x)
+    if prediction is None or p == 0.0:
+        size = sizes[0] if len(sizes) > 1 else None
+        y, mean, var, count = micro_batch_norm(x, size, weight, bias, eps)
+        if differentiable and torch.is_grad_enabled() and x.requires_grad:
+            # The same values, with their graph: the next layer's prediction backpropagates into them.
+            mean, var = _group_moments(x if x.dtype == sdt else x.to(sdt), sizes)
+        return y, mean, var, count
+    xs = x if x.dtype == sdt else x.to(sdt)
+    mean_o, var_o = _group_moments(xs, sizes)
+    mu_p, var_p = (t.to(sdt).expand_as(mean_o) for t in prediction)
+    mean, var = kalman_update((mean_o, var_o), (mu_p, var_p), p)
+    if max_ratio is not None:  # the authors' guard: one decision for the layer, without a host sync
+        keep = (var_p / var_o).mean() < max_ratio
+        mean, var = torch.where(keep, mean, mean_o), torch.where(keep, var, var_o)
+    weight, bias = params_in(sdt, weight, bias)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    y = _apply_groups(xs, sizes, scale, shift).to(x.dtype)
+    per_sample = x[0].numel() // max(x.size(1), 1)
+    count = torch.tensor([s * per_sample for s in sizes], dtype=sdt, device=x.device)
+    return y, mean, var, count
+
+
+def _group_parts(x: Tensor, sizes: list[int]) -> list[Tensor]:
+    """``x`` as at most two views ``(groups, size, C, *)``: the equal micro-batches, then the remainder."""
+    full = sizes[0]
+    equal = sum(1 for s in sizes if s == full)
+    parts = [x[: equal * full].unflatten(0, (equal, full))]
+    if equal < len(sizes):
+        parts.append(x[equal * full :].unsqueeze(0))
+    return parts
+
+
+def _group_moments(x: Tensor, sizes: list[int]) -> Estimate:
+    """Differentiable ``(G, C)`` mean and biased variance of each micro-batch of ``x``."""
+    means, variances = [], []
+    for part in _group_parts(x, sizes):
+        dims = [1, *range(3, part.dim())]
+        v, m = torch.var_mean(part, dim=dims, correction=0)
+        means.append(m)
+        variances.append(v)
+    if len(means) == 1:
+        return means[0], variances[0]
+    return torch.cat(means), torch.cat(variances)
+
+
+def _apply_groups(x: Tensor, sizes: list[int], scale: Tensor, shift: Tensor) -> Tensor:
+    """``x * scale + shift`` with the ``(G, C)`` coefficients of each sample's micro-batch."""
+    outs, start = [], 0
+    for part in _group_parts(x, sizes):
+        g = part.size(0)
+        shape = (g, 1, part.size(2)) + (1,) * (part.dim() - 3)
+        a, b = scale[start : start + g].reshape(shape), shift[start : start + g].reshape(shape)
+        outs.append(torch.addcmul(b, part, a).flatten(0, 1))
+        start += g
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
