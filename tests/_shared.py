@@ -29,12 +29,14 @@ __all__ = [
 
 # Settings the tests give each kind unless they pass their own: DecorrelatedBatchNorm whitens groups
 # of 4 channels (so 6 channels are a group of 4 and a padded group of 2), CrossIterationBatchNorm
-# pools a window of 3 iterations, GhostBatchNorm normalizes ghost batches of 4 samples, GroupNorm has
-# 2 groups (its default, 32, divides no width here).
+# pools a window of 3 iterations, GhostBatchNorm normalizes ghost batches of 4 samples and
+# BatchKalmanNorm micro-batches of 4 (linked where convert finds a chain), GroupNorm has 2 groups
+# (its default, 32, divides no width here).
 KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "dbn": {"group_size": 4},
     "cbn": {"window": 3},
     "ghost": {"virtual_batch_size": 4},
+    "bkn": {"micro_batch": 4},
     "gn": {"num_groups": 2},
 }
 

@@ -44,6 +44,7 @@ CONFIGS = {
     "cbn-window1": (normlab.CrossIterationBatchNorm, {"window": 1}),
     "cbn-burn-in": (normlab.CrossIterationBatchNorm, {"window": 3, "burn_in": 10_000}),
     "ghost": (normlab.GhostBatchNorm, {"virtual_batch_size": None}),
+    "bkn": (normlab.BatchKalmanNorm, {"micro_batch": None}),
 }
 
 
