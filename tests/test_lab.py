@@ -1,16 +1,17 @@
-"""Tests of the lab: every experiment at tiny size end to end, the claim checks, data, CLI, determinism."""
+"""Tests of the lab's framework and of the small-batch, non-iid and domain-shift experiments: the
+statistics and verdicts, the runner (serial and pooled give the same numbers), the experiments at tiny
+size end to end, their claim checks on synthetic numbers, data, CLI."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
-
-import normlab
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -22,206 +23,300 @@ from hypothesis import strategies as st  # noqa: E402
 
 from normlab.lab import require  # noqa: E402
 from normlab.lab.cli import main  # noqa: E402
-from normlab.lab.data import class_batches, digits, iid_batches, mnist1d  # noqa: E402
-from normlab.lab.experiments import EXPERIMENTS, get, run_all, run_experiment  # noqa: E402
-from normlab.lab.report import Claim, format_table  # noqa: E402
-from normlab.lab.train import Context  # noqa: E402
+from normlab.lab.data import class_batches, digits, iid_batches, mnist1d, standardize, subset  # noqa: E402
+from normlab.lab.experiments import EXPERIMENTS, get, run_experiments  # noqa: E402
+from normlab.lab.experiments.common import grid_optimum  # noqa: E402
+from normlab.lab.models import cnn, with_norm  # noqa: E402
+from normlab.lab.report import INCONCLUSIVE, NOT_CHECKED, NOT_REPRODUCED, REPRODUCED, VERDICTS, Claim, format_table  # noqa: E402  # noqa: E402
+from normlab.lab.stats import Interval, mean_interval, paired_interval  # noqa: E402
+from normlab.lab.train import Context, TrainConfig, fit, replicate  # noqa: E402
 
-VERDICTS = {"REPRODUCED", "NOT REPRODUCED", "NOT CHECKED"}
+MINE = ("small-batch", "non-iid", "domain-shift")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("lab")
     torch.set_num_threads(1)
-    summary = run_all(Context("tiny", seed=3, out=out, progress=False))
+    summary = run_experiments(Context("tiny", seed=3, out=out, progress=False), MINE, jobs=1)
     return out, summary
 
 
+# ------------------------------------------------------------------------------ statistics
+def test_student_t_interval_by_hand() -> None:
+    # d = 1, 2, 3, 4: mean 2.5, sd sqrt(5/3), t(0.975, 3) = 3.18245 (tables): half width 2.05426.
+    iv = mean_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446 * math.sqrt(5 / 3) / 2
+    assert iv.mean == pytest.approx(2.5)
+    assert (iv.low, iv.high) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-6)
+    assert iv.n == 4 and iv.level == 0.95
+    # 90 %: t(0.95, 3) = 2.353363
+    iv90 = mean_interval([1.0, 2.0, 3.0, 4.0], level=0.9)
+    assert iv90.high - iv90.mean == pytest.approx(2.353363 * math.sqrt(5 / 3) / 2, rel=1e-6)
+
+
+def test_paired_interval_is_the_interval_of_the_differences() -> None:
+    a, b = [90.0, 92.0, 95.0, 91.0], [89.0, 90.0, 92.0, 87.0]
+    assert paired_interval(a, b) == mean_interval([1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(ValueError, match="paired_interval"):
+        paired_interval([1.0, 2.0], [1.0])
+
+
+def test_interval_edge_cases() -> None:
+    one = mean_interval([3.0])
+    assert one.mean == 3.0 and one.low == -math.inf and one.high == math.inf
+    assert math.isnan(mean_interval([]).mean)
+    same = mean_interval([2.0, 2.0, 2.0])
+    assert same.low == same.high == 2.0
+    assert math.isnan(mean_interval([1.0, float("nan")]).low)
+    assert Interval(3.1, 1.2, 5.0, 8).text("points") == "+3.1 [+1.2, +5] points (n=8)"
+
+
+# ------------------------------------------------------------------------------ verdicts
+@pytest.mark.parametrize(
+    ("low", "high", "verdict"),
+    [
+        (1.01, 3.0, REPRODUCED),  # clears the minimum effect
+        (1.0, 3.0, INCONCLUSIVE),  # touches it: not cleared
+        (0.5, 1.5, INCONCLUSIVE),  # straddles it
+        (-2.0, 0.99, NOT_REPRODUCED),  # excludes it
+        (-2.0, 1.0, INCONCLUSIVE),
+        (float("nan"), float("nan"), INCONCLUSIVE),
+    ],
+)
+def test_greater_verdict(low: float, high: float, verdict: str) -> None:
+    c = Claim("x", "x")
+    c.greater("d", Interval((low + high) / 2, low, high, 8), 1.0)
+    assert c.effects[0].verdict == verdict and c.verdict == verdict
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "verdict"),
+    [
+        (-0.9, 0.9, REPRODUCED),  # inside the margin
+        (-1.0, 0.5, INCONCLUSIVE),  # touches the margin
+        (-1.5, 0.5, INCONCLUSIVE),  # straddles -margin
+        (0.5, 1.5, INCONCLUSIVE),  # straddles +margin
+        (-3.0, 3.0, INCONCLUSIVE),  # too wide to tell
+        (1.01, 2.0, NOT_REPRODUCED),  # entirely beyond +margin
+        (-2.0, -1.01, NOT_REPRODUCED),  # entirely beyond -margin
+    ],
+)
+def test_equivalent_verdict(low: float, high: float, verdict: str) -> None:
+    c = Claim("x", "x")
+    c.equivalent("d", Interval((low + high) / 2, low, high, 8), 1.0)
+    assert c.effects[0].verdict == verdict
+
+
+def test_claim_verdict_combines_effects() -> None:
+    yes, no, maybe = Interval(3, 2, 4, 8), Interval(-3, -4, -2, 8), Interval(1, -1, 3, 8)
+    c = Claim("x", "x")
+    assert c.verdict == NOT_CHECKED
+    c.greater("a", yes, 1.0)
+    assert c.verdict == REPRODUCED
+    c.greater("b", maybe, 1.0)
+    assert c.verdict == INCONCLUSIVE
+    c.greater("c", no, 1.0)
+    assert c.verdict == NOT_REPRODUCED
+    with pytest.raises(ValueError, match="min_effect"):
+        c.greater("d", yes, -1.0)
+    with pytest.raises(ValueError, match="margin"):
+        c.equivalent("d", yes, 0.0)
+    d = c.to_dict()
+    assert d["verdict"] == NOT_REPRODUCED and [e["verdict"] for e in d["effects"]] == [
+        REPRODUCED,
+        INCONCLUSIVE,
+        NOT_REPRODUCED,
+    ]
+
+
+def test_grid_optimum_flags_the_edge() -> None:
+    assert grid_optimum({0.1: 0.5, 0.2: 0.3, 0.4: 0.6}) == (0.2, None)
+    best, note = grid_optimum({0.1: 0.5, 0.2: 0.3, 0.4: 0.1})
+    assert best == 0.4 and note is not None and "largest" in note
+    assert grid_optimum({0.1: float("nan"), 0.2: 0.3})[0] == 0.2
+    assert grid_optimum({0.1: 1.0}) == (0.1, None)
+    with pytest.raises(ValueError, match="grid_optimum"):
+        grid_optimum({0.1: float("nan")})
+
+
+# ------------------------------------------------------------------------------ emulated devices
+def test_replicas_share_weights_and_keep_their_own_statistics() -> None:
+    torch.manual_seed(0)
+    model = cnn(1, 4, 10)
+    a, b = replicate(model, 2)
+    assert a is model and all(p is q for p, q in zip(a.parameters(), b.parameters()))
+    assert all(x is not y for x, y in zip(a.buffers(), b.buffers()))
+    with pytest.raises(ValueError, match="devices"):
+        replicate(model, 0)
+
+
+def test_devices_train_as_ghost_batches() -> None:
+    # BN on 4 emulated devices of 2 computes what GhostBatchNorm with ghost batches of 2 computes on one
+    # device (the per-device statistics), and the same gradients: the same losses step by step.
+    split = subset(standardize(digits()), 96, 16)
+    losses = []
+    for kind, options, devices in (("bn", {}, 4), ("ghost", {"virtual_batch_size": 2}, 1)):
+        torch.manual_seed(0)
+        model = with_norm(cnn(1, 4, 10), kind, **options)
+        cfg = TrainConfig(epochs=1, batch_size=8, lr=0.1, devices=devices, max_steps=5)
+        losses.append(fit(model, split, cfg, Context("tiny", progress=False), seed=1).losses)
+    assert len(losses[0]) == 5
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
+    # ... and not what BN over the whole batch computes.
+    torch.manual_seed(0)
+    whole = fit(
+        cnn(1, 4, 10), split, TrainConfig(1, 8, 0.1, max_steps=5), Context("tiny", progress=False), seed=1
+    ).losses
+    assert whole[0] != pytest.approx(losses[0][0], rel=1e-3)
+
+
+def test_devices_must_divide_the_batch() -> None:
+    split = subset(standardize(digits()), 32, 8)
+    with pytest.raises(ValueError, match="devices=3"):
+        fit(cnn(1, 4, 10), split, TrainConfig(1, 8, 0.1, devices=3), Context("tiny", progress=False), seed=0)
+
+
 # ------------------------------------------------------------------------------ end to end
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", MINE)
 def test_experiment_outputs_exist_and_parse(tiny_run: tuple[Path, list[dict]], name: str) -> None:
     out, _ = tiny_run
     folder = out / name
     results = json.loads((folder / "results.json").read_text())
     assert results["experiment"] == name and results["preset"] == "tiny" and results["seed"] == 3
-    assert results["wall_seconds"] > 0
+    assert results["seeds"] == 2 and results["job_seconds"] > 0
     assert {"python", "torch", "normlab"} <= set(results["versions"])
-    assert results["claim"]["verdict"] in VERDICTS
+    assert results["claims"] and all(c["verdict"] in VERDICTS for c in results["claims"])
+    assert all(len(c["name"]) <= 30 for c in results["claims"])
     with (folder / "results.csv").open() as f:
         rows = list(csv.reader(f))
     assert rows[0] == results["table"]["headers"]
     assert len(rows) == len(results["table"]["rows"]) + 1 >= 2
     report = (folder / "report.md").read_text()
-    assert results["claim"]["verdict"] in report
+    assert all(c["statement"] in report for c in results["claims"])
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert images, "the report embeds at least one plot"
     for image in images:
         assert (folder / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_claim_is_recomputed_from_saved_numbers(tiny_run: tuple[Path, list[dict]], name: str) -> None:
+@pytest.mark.parametrize("name", MINE)
+def test_claims_are_recomputed_from_saved_numbers(tiny_run: tuple[Path, list[dict]], name: str) -> None:
     out, _ = tiny_run
     results = json.loads((out / name / "results.json").read_text())
-    claim = get(name).claim(results)
-    assert claim.verdict == results["claim"]["verdict"]
-    assert [c.value for c in claim.criteria] == pytest.approx([c["value"] for c in results["claim"]["criteria"]])
+    claims = get(name).claims(results)
+    assert [c.to_dict() for c in claims] == results["claims"]
 
 
 def test_summary_and_index(tiny_run: tuple[Path, list[dict]]) -> None:
     out, summary = tiny_run
-    assert [s["experiment"] for s in summary] == list(EXPERIMENTS)
+    assert list(dict.fromkeys(s["experiment"] for s in summary)) == list(MINE)
     saved = json.loads((out / "summary.json").read_text())
-    assert [s["verdict"] for s in saved["experiments"]] == [s["verdict"] for s in summary]
+    assert [s["verdict"] for s in saved["claims"]] == [s["verdict"] for s in summary]
     index = (out / "index.md").read_text()
-    for name in EXPERIMENTS:
+    for name in MINE:
         assert f"({name}/report.md)" in index
+    for s in summary:
+        assert s["statement"] in index and len(s["claim"]) <= 30
 
 
-def test_same_seed_same_results(tiny_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+def test_pooled_run_gives_the_serial_numbers(tiny_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
     out, _ = tiny_run
-    run_experiment("non-iid", Context("tiny", seed=3, out=tmp_path, progress=False))
+    # Two of the three experiments (the pool's start-up dominates; small-batch's jobs are the costliest).
+    pooled_names = ("non-iid", "domain-shift")
+    run_experiments(Context("tiny", seed=3, out=tmp_path, progress=False), pooled_names, jobs=2)
+    for name in pooled_names:
+        serial = json.loads((out / name / "results.json").read_text())
+        pooled = json.loads((tmp_path / name / "results.json").read_text())
+        for key in ("job_seconds", "versions"):
+            serial.pop(key), pooled.pop(key)
+        assert pooled == serial, name
+
+
+def test_another_base_seed_gives_other_numbers(tiny_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    out, _ = tiny_run
+    run_experiments(Context("tiny", seed=4, out=tmp_path, progress=False), ["non-iid"], jobs=1)
     first = json.loads((out / "non-iid" / "results.json").read_text())
-    second = json.loads((tmp_path / "non-iid" / "results.json").read_text())
-    assert first["accuracy"] == second["accuracy"] and first["curves"] == second["curves"]
-    run_experiment("non-iid", Context("tiny", seed=4, out=tmp_path / "other", progress=False))
-    third = json.loads((tmp_path / "other" / "non-iid" / "results.json").read_text())
-    assert third["curves"] != first["curves"]
+    other = json.loads((tmp_path / "non-iid" / "results.json").read_text())
+    assert other["curves"] != first["curves"]
 
 
-# ------------------------------------------------------------------------------ claim checks flip
-def _small_batch(bn_small: float, cbn_small: float) -> dict:
-    big = {"bn": 95.0, "brn": 95.0, "cbn": 95.0, "gn": 94.0}
-    small = {"bn": bn_small, "brn": 90.0, "cbn": cbn_small, "gn": 92.0}
-    return {"accuracy": {k: {"32": [big[k], big[k]], "2": [small[k], small[k]]} for k in big}}
+def test_every_registered_experiment_is_known() -> None:
+    assert set(MINE) <= set(EXPERIMENTS) and "batch-norm" in EXPERIMENTS
 
 
-def _non_iid(bn_non_iid: float, brn_non_iid: float = 95.0) -> dict:
+# ------------------------------------------------------------------------------ claim checks follow the numbers
+def _small_batch(bn: float, others: float, brn_full: float = 97.0, ghost: float | None = None) -> dict:
+    from normlab.lab.experiments import small_batch as sb
+
+    jitter = [0.0, 0.5, -0.5, 0.2, -0.2, 0.4, -0.4, 0.1]  # the same per-seed jitter for every row
+    level = {label: others for label, _, _ in sb.rows()}
+    level |= {"BN": bn, sb.FULL_BN: 97.0, sb.FULL_BRN: brn_full, sb.NAIVE_CBN: bn}
+    level["ghost"] = bn if ghost is None else ghost
+    cells = {k: {"accuracy": [v + j for j in jitter], "final_train_loss": [0.1] * 8} for k, v in level.items()}
+    return {"cells": cells}
+
+
+def _verdicts(name: str, results: dict) -> dict[str, str]:
+    return {c.name: c.verdict for c in get(name).claims(results)}
+
+
+def test_small_batch_claims_follow_the_numbers() -> None:
+    good = _verdicts("small-batch", _small_batch(bn=93.0, others=96.0))
+    assert set(good.values()) == {REPRODUCED}
+    bad = _verdicts("small-batch", _small_batch(bn=96.5, others=96.5, brn_full=95.0, ghost=99.0))
+    assert bad["BN: small-batch drop"] == NOT_REPRODUCED  # a 0.5-point drop, clear of the 1-point minimum
+    assert bad["CBN: beats BN at small batch"] == NOT_REPRODUCED
+    assert bad["GN: beats BN at small batch"] == NOT_REPRODUCED
+    assert bad["BRN = BN at full batch"] == NOT_REPRODUCED and bad["ghost = per-device BN"] == NOT_REPRODUCED
+    # A noisy drop whose interval straddles the minimum effect is inconclusive.
+    noisy = _small_batch(bn=95.5, others=96.0)
+    noisy["cells"]["BN"]["accuracy"] = [95.5, 97.0, 94.0, 96.5, 94.5, 96.0, 95.0, 95.5]
+    assert _verdicts("small-batch", noisy)["BN: small-batch drop"] == INCONCLUSIVE
+
+
+def test_small_batch_reports_what_was_not_run() -> None:
+    results = _small_batch(bn=93.0, others=96.0)
+    del results["cells"]["naive CBN"]
+    claims = {c.name: c for c in get("small-batch").claims(results)}
+    assert claims["CBN: compensation matters"].verdict == NOT_CHECKED
+    assert claims["CBN: compensation matters"].missing
+
+
+def _non_iid(bn_non_iid: float, brn_non_iid: float) -> dict:
+    jitter = [0.0, 0.3, -0.3, 0.2, -0.2, 0.1, -0.1, 0.0]
+    acc = {"bn": {"iid": 97.0, "non-iid": bn_non_iid}, "brn": {"iid": 97.0, "non-iid": brn_non_iid}}
+    return {"accuracy": {k: {o: [v + j for j in jitter] for o, v in d.items()} for k, d in acc.items()}}
+
+
+def test_non_iid_claims_follow_the_numbers() -> None:
+    assert set(_verdicts("non-iid", _non_iid(90.0, 96.0)).values()) == {REPRODUCED}
+    at_convergence = _verdicts("non-iid", _non_iid(97.0, 97.0))  # no drop, nothing to recover
+    assert set(at_convergence.values()) == {NOT_REPRODUCED}
+    noisy = _non_iid(96.0, 96.0)
+    noisy["accuracy"]["bn"]["non-iid"] = [96.0, 94.0, 97.5, 95.0, 97.0, 95.5, 96.5, 96.5]
+    assert _verdicts("non-iid", noisy)["BN: non-i.i.d. drop"] == INCONCLUSIVE
+
+
+def _domain_shift(gains: dict[str, float]) -> dict:
+    jitter = [0.0, 1.0, -1.0, 0.5, -0.5, 0.2, -0.2, 0.0]
     return {
-        "accuracy": {"bn": {"iid": [96.0], "non-iid": [bn_non_iid]}, "brn": {"iid": [96.0], "non-iid": [brn_non_iid]}}
+        "accuracy": {
+            n: {"source-only": [50.0 + j for j in jitter], "AdaBN": [50.0 + g + 2 * j for j in jitter]}
+            for n, g in gains.items()
+        }
     }
 
 
-def _whitening(zca_loss: float) -> dict:
-    curves = {"BN": [[1.0, 0.8]], "DBN-zca": [[zca_loss, zca_loss]], "DBN-pca": [[2.0, 2.0]]}
-    cond = {"BN": [2.5], "DBN-zca": [0.5], "DBN-pca": [5.0]}
-    return {"loss_curves": curves, "final_log10_condition": cond}
-
-
-def _domain_shift(adabn: float) -> dict:
-    return {
-        "accuracy": {"contrast": {"source-only": [40.0], "AdaBN": [adabn]}},
-        "shift": {"contrast": {"before": [5.0], "after": [0.5]}},
+def test_domain_shift_judges_each_shift_on_its_own() -> None:
+    verdicts = _verdicts("domain-shift", _domain_shift({"contrast": 20.0, "noise": 0.0, "inversion": -30.0}))
+    assert verdicts == {
+        "AdaBN: contrast": REPRODUCED,
+        "AdaBN: noise": NOT_REPRODUCED,
+        "AdaBN: inversion (control)": NOT_REPRODUCED,
     }
-
-
-def _weight_norm(init_loss: float) -> dict:
-    curves = {"plain": [[1.0, 1.0]], "WN + init": [[init_loss]], "WN + mean-only BN": [[0.5]], "BN": [[0.4]]}
-    return {"curves": curves, "accuracy": {"WN + mean-only BN": [96.5], "BN": [96.0]}}
-
-
-def _weight_norm_accuracy(mobn_acc: float) -> dict:
-    out = _weight_norm(0.6)
-    out["accuracy"]["WN + mean-only BN"] = [mobn_acc]
-    return out
-
-
-def _normprop(np_mean: float, np_wobble: float = 0.01) -> dict:
-    def rec(m: float, w: float) -> dict:
-        # Two recorded steps, two layers of two units each: unit means +-m, moving by w between the steps.
-        return {"step": [0, 10], "unit_mean": [[[m, -m], [m, -m]], [[m + w, -m - w], [m, m]]], "var": [[1, 1], [1, 1]]}
-
-    return {
-        "moments": {"NormProp": [rec(np_mean, np_wobble)], "BN": [rec(0.2, 0.1)]},
-        "batch1": {"NormProp": {"test_accuracy": 90.0}},
-    }
-
-
-@pytest.mark.parametrize(
-    ("name", "make", "good", "bad"),
-    [
-        ("small-batch", _small_batch, (80.0, 92.0), (92.0, 92.0)),  # BN falls / BN holds
-        ("small-batch", _small_batch, (80.0, 92.0), (80.0, 85.0)),  # CBN holds / CBN falls
-        ("non-iid", _non_iid, (80.0,), (96.0,)),  # BN drops / BN holds
-        ("non-iid", _non_iid, (80.0, 95.0), (80.0, 85.0)),  # BRN recovers 94 % / 31 % of the drop
-        ("whitening", _whitening, (0.7,), (1.2,)),
-        ("domain-shift", _domain_shift, (90.0,), (41.0,)),
-        ("weight-norm", _weight_norm, (0.6,), (1.5,)),
-        ("weight-norm", _weight_norm_accuracy, (96.5,), (95.5,)),  # WN + mean-only BN at / below BN
-        ("normprop", _normprop, (0.05,), (0.5,)),  # closer to / farther from zero mean than BN
-        ("normprop", _normprop, (0.05, 0.01), (0.05, 0.5)),  # steadier / less steady than BN
-    ],
-)
-def test_claim_verdict_follows_the_numbers(name: str, make, good: tuple, bad: tuple) -> None:  # noqa: ANN001
-    check = get(name).claim
-    assert check(make(*good)).verdict == "REPRODUCED"
-    failed = check(make(*bad))
-    assert failed.verdict == "NOT REPRODUCED"
-    assert any(not c.passed for c in failed.criteria)
-
-
-def test_non_iid_drop_within_seed_noise_is_not_an_effect() -> None:
-    from normlab.lab.experiments.common import paired_difference
-
-    m, se = paired_difference([96.0, 96.0, 96.0], [95.0, 90.0, 97.0])  # drops 1, 6, -1
-    assert m == pytest.approx(2.0) and se == pytest.approx(((1 + 16 + 9) / 2) ** 0.5 / 3**0.5)
-    noisy = {"accuracy": {"bn": {"iid": [96.0] * 3, "non-iid": [95.0, 90.0, 97.0]}, "brn": {"non-iid": [96.0] * 3}}}
-    effect = get("non-iid").claim(noisy).criteria[0]
-    assert not effect.passed and effect.threshold == pytest.approx(2 * se)
-    clear = {"accuracy": {"bn": {"iid": [96.0] * 3, "non-iid": [90.0, 91.0, 89.0]}, "brn": {"non-iid": [95.0] * 3}}}
-    assert get("non-iid").claim(clear).verdict == "REPRODUCED"
-
-
-def test_normprop_measures_the_normalized_input_before_the_affine() -> None:
-    from normlab.lab.experiments.normprop import normalized_input
-    from normlab.normprop import NormPropLinear
-
-    torch.manual_seed(0)
-    x = torch.randn(50, 6, dtype=torch.float64)
-    layer = NormPropLinear(6, 4, factor=1.21).double()
-    with torch.no_grad():
-        layer.gain.uniform_(0.5, 2.0)
-        layer.bias.normal_()
-    w = layer.weight.detach()
-    expected = x @ w.T / (1.21 * torch.sqrt((w * w).sum(1)))  # W_i . x / (c ||W_i||), no gamma, no beta
-    assert torch.allclose(normalized_input(layer, x), expected)
-    bn = torch.nn.BatchNorm1d(4).double().eval()
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.uniform_(0.5, 2.0)
-        bn.bias.normal_()
-    t = torch.randn(50, 4, dtype=torch.float64)
-    assert torch.allclose(normalized_input(bn, t), (t - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps))
-
-
-def test_weight_norm_mean_only_variant_is_initialized_and_scale_free() -> None:
-    from normlab.lab.experiments.weight_norm import _build
-
-    torch.manual_seed(0)
-    batch = torch.randn(64, 1, 8, 8)
-    model = _build("WN + mean-only BN", 4, batch)
-    norms = [m for m in model.modules() if isinstance(m, normlab.NormBase)]
-    assert len(norms) == 3 and all(not m.weight.requires_grad and m.bias.requires_grad for m in norms)
-    assert all(int(m.num_batches_tracked) == 0 and float(m.running_mean.abs().max()) == 0.0 for m in norms)
-    seen = []
-    handles = [m.register_forward_hook(lambda _m, _i, o: seen.append(o)) for m in norms]
-    with torch.no_grad():
-        model.train()(batch)
-    for h in handles:
-        h.remove()
-    for out in seen:  # the data-dependent init: zero-mean, unit-variance pre-activations on the init batch
-        var, mean = torch.var_mean(out, dim=(0, 2, 3), correction=0)
-        assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-4)
-        assert torch.allclose(var, torch.ones_like(var), atol=1e-3)
-
-
-def test_claim_without_numbers_is_not_checked() -> None:
-    assert get("domain-shift").claim({"accuracy": {}, "shift": {}}).verdict == "NOT CHECKED"
-    c = Claim("x")
-    c.at_least("nan never passes", float("nan"), 0.0)
-    assert c.verdict == "NOT REPRODUCED"
+    empty = get("domain-shift").claims({"accuracy": {"contrast": {"source-only": [], "AdaBN": []}}})
+    assert empty[0].verdict == NOT_CHECKED
 
 
 # ------------------------------------------------------------------------------ data
@@ -319,10 +414,19 @@ def test_cli_rejects_unknown_experiment_and_missing_cuda(capsys: pytest.CaptureF
 
 
 def test_cli_runs_one_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "domain-shift", "--tiny", "--out", str(tmp_path), "--no-progress", "--seed", "1"]) == 0
+    argv = ["run", "domain-shift", "--tiny", "--out", str(tmp_path), "--no-progress", "--seed", "1", "--jobs", "1"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "target domain" in printed and re.search(r"(NOT )?REPRODUCED|NOT CHECKED", printed)
-    assert json.loads((tmp_path / "domain-shift" / "results.json").read_text())["seed"] == 1
+    assert "target domain" in printed and "== summary" in printed
+    assert re.search(r"AdaBN: contrast +(NOT REPRODUCED|REPRODUCED|INCONCLUSIVE)", printed)
+    saved = json.loads((tmp_path / "domain-shift" / "results.json").read_text())
+    assert saved["seed"] == 1 and saved["versions"]["worker_processes"] == "1"
+
+
+def test_cli_rejects_zero_jobs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "non-iid", "--jobs", "0"])
+    assert "--jobs" in capsys.readouterr().err
 
 
 def test_format_table_aligns() -> None:

@@ -273,8 +273,8 @@ def write_outputs(
     md += [""] + [f"![{p}]({p})" for p in plots]
     md += ["", "## Settings", "", "```", json.dumps(_jsonable(settings), indent=2), "```", ""]
     md += [
-        f"Job time: {results.get('job_seconds', float('nan')):.1f} s in {results.get('seeds', '?')} seed jobs "
-        f"(single-threaded core-seconds). Base seed: {results.get('seed')}; {results.get('seed_rule', '')}.",
+        f"Job time: {results.get('job_seconds', float('nan')):.1f} CPU seconds in {results.get('seeds', '?')} seed "
+        f"jobs (core-seconds). Base seed: {results.get('seed')}; {results.get('seed_rule', '')}.",
         "",
     ]
     md += ["Versions: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]

@@ -11,6 +11,7 @@ writes outputs and shows progress bars.
 
 from __future__ import annotations
 
+import copy
 import random
 import sys
 import time
@@ -39,6 +40,7 @@ __all__ = [
     "TrainConfig",
     "History",
     "seed_everything",
+    "replicate",
     "generator",
     "count_steps",
     "fit",
@@ -159,6 +161,7 @@ class TrainConfig:
     max_steps: int | None = None
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adam" (betas (momentum, 0.999))
     decay_from: float | None = None  # fraction of the steps after which lr decays linearly to 0 (None: constant)
+    devices: int = 1  # data-parallel devices emulated in one process (see replicate); 1: one model, one batch
 
 
 @dataclass
@@ -191,6 +194,29 @@ class History:
         return [sum(self.losses[i : i + w]) / len(self.losses[i : i + w]) for i in range(0, len(self.losses), w)]
 
 
+def replicate(model: nn.Module, devices: int) -> list[nn.Module]:
+    """``model`` and ``devices - 1`` replicas that share its parameters but keep their own buffers and state.
+
+    Unsynchronized data parallelism in one process: each replica normalizes its own share of the
+    global minibatch with its own statistics and running estimates (BatchNorm's running averages,
+    Cross-Iteration BN's window, paired with the replica's own producer), as a layer on its own device
+    does under DDP without synchronization; the gradients of the shared parameters add up as DDP's
+    all-reduce of the mean loss does. Evaluation uses ``model`` itself, whose buffers are those of
+    the first device (DDP's ``broadcast_buffers`` hands rank 0's to every process).
+    """
+    if devices < 1:
+        raise ValueError(f"replicate: expected devices >= 1, got {devices}")
+    out = [model]
+    for _ in range(devices - 1):
+        replica = copy.deepcopy(model)
+        for src, dst in zip(model.modules(), replica.modules()):
+            for name, param in src._parameters.items():
+                if param is not None:
+                    dst._parameters[name] = param  # shared: one gradient, one optimizer state
+        out.append(replica)
+    return out
+
+
 def _batches(split: Split, cfg: TrainConfig, gen: torch.Generator) -> Iterator[Tensor]:
     for _ in range(cfg.epochs):
         if cfg.classes_per_batch is None:
@@ -217,11 +243,19 @@ def fit(
     """Train ``model`` in place with SGD on ``split``'s training set; return the :class:`History`.
 
     The minibatch order is a function of ``seed``; under ``torchrun`` each process takes its share
-    of every global minibatch. ``on_step(step, model)`` runs after each update (``model`` unwrapped).
+    of every global minibatch. With ``cfg.devices > 1`` every step splits the global minibatch into
+    that many contiguous equal shares, each through its own replica (:func:`replicate`): data
+    parallelism without synchronized normalization. ``on_step(step, model)`` runs after each update
+    (``model`` unwrapped).
     """
     device = ctx.device
     model.to(device).train()
-    net = ctx.dist.wrap(model)
+    if cfg.devices > 1:
+        if ctx.dist.active:
+            raise ValueError("fit: emulated devices (TrainConfig.devices > 1) cannot be combined with torchrun")
+        if cfg.batch_size % cfg.devices:
+            raise ValueError(f"fit: expected devices={cfg.devices} to divide batch_size={cfg.batch_size}")
+    nets = replicate(model, cfg.devices) if cfg.devices > 1 else [ctx.dist.wrap(model)]
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(
@@ -248,7 +282,9 @@ def fit(
             start = time.perf_counter()
             # The mean over the global batch: DDP averages the processes' gradients, so each process
             # contributes its loss sum scaled by world / global batch size.
-            loss = F.cross_entropy(net(x_all[idx]), y_all[idx], reduction="sum") * (ctx.dist.world / global_size)
+            parts = idx.chunk(len(nets))
+            logits = torch.cat([net(x_all[part]) for net, part in zip(nets, parts)])
+            loss = F.cross_entropy(logits, y_all[torch.cat(parts)], reduction="sum") * (ctx.dist.world / global_size)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

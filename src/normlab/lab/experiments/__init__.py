@@ -88,13 +88,14 @@ def get(name: str) -> Experiment:
 def run_job(name: str, ctx: Context, s: int) -> tuple[dict[str, Any], float]:
     """Run repetition ``s`` of experiment ``name`` after seeding every global generator with its seed.
 
-    Returns the job's output and its duration in seconds.
+    Returns the job's output and the CPU seconds its process spent on it (core-seconds: on a shared
+    machine the wall time also counts other people's work).
     """
     exp = get(name)
     seed_everything(ctx.run_seed(s))
-    start = time.perf_counter()
+    start = time.process_time()
     output = exp.job(ctx, s)
-    return output, time.perf_counter() - start
+    return output, time.process_time() - start
 
 
 def _init_worker(threads: int) -> None:
@@ -139,7 +140,7 @@ def run_experiments(ctx: Context, names: Sequence[str], jobs: int = 1) -> list[d
     """Run every seed job of ``names`` (over ``jobs`` processes), then collect, check, print and write each.
 
     Returns one summary row per claim: experiment, claim name, statement, verdict, the experiment's
-    job seconds (single-threaded core-seconds summed over its seeds).
+    job seconds (CPU seconds of its seed jobs, summed: core-seconds).
     """
     exps = [get(n) for n in names]
     counts = [exp.seeds(ctx) for exp in exps]
@@ -181,7 +182,7 @@ def _finish(
         out.mkdir(parents=True, exist_ok=True)
         plots = exp.plot(results, out)
         write_outputs(out, exp.title, results, claims, headers, rows, plots, exp.description)
-        print(f"\n== {exp.name}: {exp.title} ({n} seeds, {seconds:.1f} s of jobs) ==")
+        print(f"\n== {exp.name}: {exp.title} ({n} seeds, {seconds:.1f} core-seconds) ==")
         print(format_table(headers, rows))
         for note in results.get("notes", []):
             print(f"note: {note}")
@@ -203,7 +204,7 @@ def _finish(
 
 
 def _write_summary(ctx: Context, summary: list[dict[str, Any]], wall: float, jobs: int) -> None:
-    headers = ["experiment", "claim", "verdict", "job s"]
+    headers = ["experiment", "claim", "verdict", "core s"]
     rows = [[s["experiment"], s["claim"], s["verdict"], round(s["job_seconds"], 1)] for s in summary]
     ctx.out.mkdir(parents=True, exist_ok=True)
     workers = 1 if ctx.dist.active else jobs
@@ -217,8 +218,8 @@ def _write_summary(ctx: Context, summary: list[dict[str, Any]], wall: float, job
         "# normlab lab: summary",
         "",
         f"Preset `{ctx.preset}`, base seed {ctx.seed}, {workers} worker process(es), {ctx.dist.world} "
-        f"training process(es) on {ctx.device}; wall time {wall:.1f} s. Job seconds are single-threaded "
-        "core-seconds summed over an experiment's seeds.",
+        f"training process(es) on {ctx.device}; wall time {wall:.1f} s. Core seconds: the CPU time of an "
+        "experiment's seed jobs, summed.",
         "",
         markdown_table(headers, md_rows),
         "",

@@ -30,15 +30,22 @@ NORM_OPTION_NOTES = {
     "cbn": "window 8 (the paper's k), burn_in = steps // 4",
     "gn": "num_groups 4",
     "dbn": "group_size 8, ZCA",
+    "bkn": "p 0.9, micro_batch = the small batch (micro-batches within the global batch)",
+    "ghost": "virtual_batch_size = the small batch (ghost batches within the global batch), momentum 0.1 per ghost",
 }
 
 
-def norm_options(kind: str, steps: int) -> dict[str, Any]:
+def norm_options(kind: str, steps: int, small_batch: int | None = None) -> dict[str, Any]:
     """The constructor options :func:`normlab.convert` gets for ``kind`` in a run of ``steps`` optimizer steps.
 
     As :data:`NORM_OPTION_NOTES` says: BRN's r_max/d_max warm-up is the paper's 130000-step schedule
-    scaled to the run, CBN's burn-in is a quarter of it; other kinds get their defaults.
+    scaled to the run, CBN's burn-in is a quarter of it, ghost batches hold ``small_batch`` samples
+    (the layer's default when ``None``); other kinds get their defaults.
     """
+    if kind == "ghost":
+        return {} if small_batch is None else {"virtual_batch_size": small_batch}
+    if kind == "bkn":
+        return {} if small_batch is None else {"micro_batch": small_batch}
     if kind == "brn":
         return {"momentum": 0.1, **normlab.paper_schedule(steps / 130_000)}
     if kind == "gn":

@@ -1,173 +1,275 @@
-"""small-batch: test accuracy against the batch size per step, per normalizer (the shape of the CBN
-paper's Table 1: Yao et al., "Cross-Iteration Batch Normalization", CVPR 2021, arXiv 2002.05712).
+"""small-batch: normalizers at a small per-device batch in data-parallel training (the setting of
+Yao et al., "Cross-Iteration Batch Normalization", CVPR 2021, arXiv 2002.05712; Ioffe, "Batch
+Renormalization", NeurIPS 2017; Wu & He, "Group Normalization", ECCV 2018; Hoffer et al., "Train
+longer, generalize better", NeurIPS 2017, for ghost batch normalization).
 
-The same small CNN (:func:`normlab.lab.models.cnn`) on scikit-learn's digits is trained with
-BatchNorm, Batch Renormalization, Cross-Iteration BN, GroupNorm and Decorrelated BN at batch sizes
-32 .. 2, with the learning rate scaled linearly with the batch size and the same number of epochs,
-over several seeds; the test accuracy is measured in eval mode (running statistics for the
-batch-statistics layers). The last conv layer outputs 1x1 maps, so at batch 2 its batch statistics
-come from 2 values per channel: the regime where the paper reports BN failing.
+Design. Every method trains the same small CNN (:func:`normlab.lab.models.cnn`) on scikit-learn's
+digits with the same optimizer: global minibatches of ``GLOBAL`` examples, the same learning rate,
+schedule and number of steps, so the gradient noise and the training budget are identical and only
+the normalization's statistics differ. The global minibatch is split over ``GLOBAL / SMALL``
+emulated devices of ``SMALL`` examples (:func:`normlab.lab.train.replicate`: replicas that share
+the weights and keep their own normalization state, i.e. DDP without synchronized normalization).
+Every kind of :data:`KINDS` normalizes per device, over ``SMALL`` examples; ``ghost`` and ``bkn``
+instead run on one device and split the global minibatch into ghost/micro-batches of ``SMALL``
+themselves (the same computation, in one call), and GN needs no batch statistics at all. The reference
+rows:
 
-The claim check measures each normalizer's drop from its best batch size to the smallest and compares
-it with GroupNorm's: GN does not depend on the batch, so its drop is what small batches cost the
-optimizer alone in a short run (the paper's long ImageNet schedule hides that cost).
+* ``BN full batch``: BatchNorm over the whole global minibatch, which is what synchronized BN
+  (SyncBN) computes across the devices: the upper bound that does not depend on the per-device
+  batch, trained on the same global minibatches as every other row;
+* ``BRN full batch``: Batch Renorm over the whole global minibatch (BRN "equals BN" at large batch);
+* ``naive CBN``: Cross-Iteration BN without the Taylor compensation (``attach(None)``), the CBN
+  paper's baseline that pools the stale statistics of earlier iterations as they are.
+
+Test accuracy is measured in eval mode (running statistics; the first device's, as DDP broadcasts
+rank 0's buffers). Every cell also reports its final training loss (mean of the last 10 % of the
+steps, train mode): the budget is chosen so the full-batch rows converge. The last conv layer outputs
+1x1 maps, so per device its statistics come from ``SMALL`` values per channel.
+
+Claims, each a paired difference over seeds (same initial weights and minibatch order for every row
+of a seed) with its 95 % Student-t interval, against a minimum effect of ``MIN_EFFECT`` points or an
+equivalence margin of ``MARGIN`` points fixed here before running: BN loses accuracy at the small
+per-device batch against BN over the full batch; BRN, CBN and GN beat BN at the small batch; CBN
+beats naive CBN (the compensation matters); BRN matches BN at the full batch; ghost BN on one device
+matches per-device BN (what ghost batches emulate); BKN (Batch Kalman Normalization) beats BN at the
+small batch. DBN is reported without a claim (its paper makes none about small batches).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
+
+import torch
+
+import normlab
 
 from ..data import digits, standardize, subset
 from ..models import cnn, with_norm
 from ..report import Claim, mean_std, pyplot
+from ..stats import mean_interval, paired_interval
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import NORM_OPTION_NOTES, norm_options, save
+from .common import NORM_OPTION_NOTES, norm_options, plot_effects, save
 
-NORMS = ("bn", "brn", "cbn", "gn", "dbn")
-LABELS = {"bn": "BN", "brn": "BRN", "cbn": "CBN", "gn": "GN", "dbn": "DBN"}
-BN_EXCESS_MIN = 5.0  # points BN must lose beyond GN's loss from its best batch size to the smallest
-CBN_EXCESS_MAX = 5.0  # points CBN may lose beyond GN's
+# Every kind at the small per-device batch; adding a registered kind here (and its norm_options entry)
+# adds its row.
+KINDS = ("bn", "brn", "cbn", "gn", "ghost", "bkn", "dbn")
+LABELS = {"bn": "BN", "brn": "BRN", "cbn": "CBN", "gn": "GN", "dbn": "DBN", "ghost": "ghost", "bkn": "BKN"}
+# Kinds that split the global minibatch into groups of SMALL themselves (ghost batches, BKN's micro-batches:
+# the same computation as one group per device) or need no batch at all (GN): one device, one call per step.
+ONE_DEVICE = ("ghost", "bkn", "gn")
+FULL_BN, FULL_BRN, NAIVE_CBN = "BN full batch", "BRN full batch", "naive CBN"
+GLOBAL = 16  # examples per optimizer step (all devices together)
+SMALL = 4  # examples per device
+MIN_EFFECT = 1.0  # points: the smallest accuracy difference that counts as an effect
+MARGIN = 1.0  # points: "matches" means the difference lies within ±MARGIN
+LR = 0.05  # SGD momentum 0.9, the lab's 0.1 at batch 32 scaled linearly to GLOBAL; linear decay to 0 over the 2nd half
 
 
-def run(ctx: Context) -> dict[str, Any]:
-    """Train every (normalizer, batch size, seed) and record the test accuracy."""
+def rows() -> list[tuple[str, str, int]]:
+    """``(row label, kind, devices)`` of every cell: the kinds at the small batch, then the references."""
+    small = [(LABELS.get(k, k), k, 1 if k in ONE_DEVICE else GLOBAL // SMALL) for k in KINDS]
+    refs = [(FULL_BN, "bn", 1), (FULL_BRN, "brn", 1), (NAIVE_CBN, "cbn", GLOBAL // SMALL)]
+    return small + refs
+
+
+def _settings(ctx: Context) -> dict[str, Any]:
+    return {"epochs": ctx.pick(1, 5, 12), "width": ctx.pick(4, 8, 16)}
+
+
+def _split(ctx: Context) -> Any:
     split = standardize(digits())
-    if ctx.preset == "tiny":
-        split = subset(split, 64, 64)
-    batches = ctx.pick([8, 2], [32, 16, 8, 4, 2], [32, 16, 8, 4, 2])
-    seeds = ctx.pick(1, 2, 5)
-    epochs = ctx.pick(1, 2, 6)
-    width = ctx.pick(4, 8, 16)
-    base_lr = 0.2
-    norms = list(NORMS)
-    notes: list[str] = []
-    acc: dict[str, dict[str, list[float]]] = {k: {str(b): [] for b in batches} for k in norms}
-    steps_of: dict[str, int] = {}
-    jobs = [(k, b, s) for s in range(seeds) for b in batches for k in norms]
-    with ctx.bar(total=len(jobs), desc="small-batch") as bar:
-        for kind, b, s in jobs:
-            seed = ctx.run_seed(s)
-            cfg = TrainConfig(epochs=epochs, batch_size=b, lr=base_lr * b / 32)
-            steps = count_steps(split, cfg)
-            model = with_norm(_model(seed, width), kind, **norm_options(kind, steps))
-            fit(model, split, cfg, ctx, seed=seed, desc=f"{kind} b={b}")
-            acc[kind][str(b)].append(100 * evaluate(model, split.x_test, split.y_test)[0])
-            steps_of[str(b)] = steps
-            bar.update(1)
-    settings = {
-        "data": f"digits, {len(split.y_train)} train / {len(split.y_test)} test, standardized",
-        "model": f"cnn(width={width}): 3 conv+norm+ReLU, global pool, linear",
-        "batch_sizes": batches,
-        "seeds": seeds,
-        "epochs": epochs,
-        "optimizer": f"SGD momentum 0.9, lr = {base_lr} * batch / 32",
-        "steps_per_batch_size": steps_of,
-        "options": {k: NORM_OPTION_NOTES[k] for k in norms},
-        "claim_thresholds": {"bn_excess_min_points": BN_EXCESS_MIN, "cbn_excess_max_points": CBN_EXCESS_MAX},
-    }
-    return {"settings": settings, "accuracy": acc, "notes": notes}
+    return subset(split, 64, 64) if ctx.preset == "tiny" else split
 
 
-def _model(seed: int, width: int) -> Any:
-    import torch
-
-    torch.manual_seed(seed)
-    return cnn(1, width, 10, dims=2)
+def seeds(ctx: Context) -> int:
+    """Paired repetitions: every row trains once per seed."""
+    return ctx.pick(2, 8, 16)
 
 
-def drops(results: dict[str, Any]) -> dict[str, float]:
-    """Per normalizer: its best mean accuracy over the batch sizes minus its mean accuracy at the smallest.
-
-    The best rather than the largest batch is the reference because with the same number of epochs the
-    largest batches take the fewest steps, and a short run leaves them undertrained.
-    """
-    out = {}
-    for kind, by_batch in results["accuracy"].items():
-        sizes = sorted((b for b in by_batch if by_batch[b]), key=int)
-        if len(sizes) >= 2:
-            out[kind] = max(mean_std(by_batch[b])[0] for b in sizes) - mean_std(by_batch[sizes[0]])[0]
+def job(ctx: Context, s: int) -> dict[str, Any]:
+    """Train every row with seed ``ctx.run_seed(s)``; per row the test accuracy and final training loss."""
+    seed = ctx.run_seed(s)
+    opts = _settings(ctx)
+    split = _split(ctx)
+    out: dict[str, Any] = {}
+    for label, kind, devices in rows():
+        cfg = TrainConfig(opts["epochs"], GLOBAL, LR, decay_from=0.5, devices=devices)
+        steps = count_steps(split, cfg)
+        torch.manual_seed(seed)
+        model = with_norm(cnn(1, opts["width"], 10, dims=2), kind, **norm_options(kind, steps, SMALL))
+        if label == NAIVE_CBN:
+            for m in model.modules():
+                if isinstance(m, normlab.CrossIterationBatchNorm):
+                    m.attach(None)  # pool the stored statistics uncompensated
+        with warnings.catch_warnings():
+            # naive CBN pools uncompensated statistics on purpose: its warning says so.
+            warnings.filterwarnings("ignore", message="CrossIterationBatchNorm: no producer attached")
+            hist = fit(model, split, cfg, ctx, seed=seed, desc=label)
+        out[label] = {
+            "accuracy": 100 * evaluate(model, split.x_test, split.y_test)[0],
+            "final_train_loss": hist.final_loss(),
+            "steps": hist.steps,
+        }
     return out
 
 
-def claim(results: dict[str, Any]) -> Claim:
-    """The paper's Figure 1 / Table 1 shape, with GN as the control for the optimizer's own small-batch effect.
+def collect(ctx: Context, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per row: accuracy and final training loss per seed, with the row's kind and devices."""
+    opts = _settings(ctx)
+    split = _split(ctx)
+    layout = rows()
+    cells = {
+        label: {
+            "kind": kind,
+            "devices": devices,
+            "batch_per_device": GLOBAL // devices,
+            "normalization_batch": SMALL if label not in (FULL_BN, FULL_BRN) else GLOBAL,
+            "accuracy": [o[label]["accuracy"] for o in outputs],
+            "final_train_loss": [o[label]["final_train_loss"] for o in outputs],
+        }
+        for label, kind, devices in layout
+    }
+    steps = outputs[0][FULL_BN]["steps"] if outputs else 0
+    settings = {
+        "data": f"digits, {len(split.y_train)} train / {len(split.y_test)} test, standardized",
+        "model": f"cnn(width={opts['width']}): 3 conv+norm+ReLU, global pool, linear",
+        "global_batch": GLOBAL,
+        "small_batch": SMALL,
+        "devices": GLOBAL // SMALL,
+        "epochs": opts["epochs"],
+        "steps": steps,
+        "optimizer": f"SGD momentum 0.9, lr {LR}, constant then linear decay to 0 over the second half",
+        "options": {k: NORM_OPTION_NOTES.get(k, "defaults") for k in dict.fromkeys(k for _, k, _ in layout)},
+        "naive_cbn": "CBN with attach(None): the window pooled without compensation",
+        "min_effect_points": MIN_EFFECT,
+        "margin_points": MARGIN,
+    }
+    return {"settings": settings, "cells": cells, "notes": []}
 
-    GN's statistics do not depend on the batch, so its drop (best batch size to smallest) is what small
-    batches cost the optimization alone in this short run (the paper's long ImageNet schedule has no such
-    cost). Criteria: BN's drop exceeds GN's by at least BN_EXCESS_MIN points; CBN's exceeds GN's by at
-    most CBN_EXCESS_MAX; BRN drops less than BN ("stabilizes BN a little but still suffers").
-    """
+
+def _acc(results: dict[str, Any], label: str) -> list[float] | None:
+    cell = results["cells"].get(label)
+    return list(cell["accuracy"]) if cell and cell["accuracy"] else None
+
+
+def _greater(c: Claim, results: dict[str, Any], a: str, b: str) -> None:
+    xa, xb = _acc(results, a), _acc(results, b)
+    if xa is None or xb is None:
+        c.missing.append(f"{a if xa is None else b} was not run")
+        return
+    c.greater(f"{a} - {b} test accuracy", paired_interval(xa, xb), MIN_EFFECT)
+
+
+def _equivalent(c: Claim, results: dict[str, Any], a: str, b: str) -> None:
+    xa, xb = _acc(results, a), _acc(results, b)
+    if xa is None or xb is None:
+        c.missing.append(f"{a if xa is None else b} was not run")
+        return
+    c.equivalent(f"{a} - {b} test accuracy", paired_interval(xa, xb), MARGIN)
+
+
+def claims(results: dict[str, Any]) -> list[Claim]:
+    """The papers' small-batch claims, each a paired difference over seeds against a fixed threshold."""
+    n = f"{SMALL} examples per device ({GLOBAL} per step)"
+    out = []
     c = Claim(
-        f"at the smallest batch BN loses >= {BN_EXCESS_MIN:g} points more than GN (the batch-independent control), "
-        f"CBN at most {CBN_EXCESS_MAX:g} points more than GN, and BRN less than BN"
+        "BN: small-batch drop",
+        f"BatchNorm loses accuracy when its statistics come from {n} instead of the whole minibatch "
+        f"(SyncBN, '{FULL_BN}'), by more than {MIN_EFFECT:g} point (the premise of the CBN, BRN and GN papers).",
     )
-    d = drops(results)
-    for k in ("bn", "gn"):
-        if k not in d:
-            c.missing.append(f"{LABELS[k]} was not run")
-    if c.missing:
-        return c
-    c.at_least("BN drop - GN drop (points)", d["bn"] - d["gn"], BN_EXCESS_MIN)
-    if "cbn" in d:
-        c.at_most("CBN drop - GN drop (points)", d["cbn"] - d["gn"], CBN_EXCESS_MAX)
-    else:
-        c.missing.append("CBN was not run")
-    if "brn" in d:
-        c.at_least("BN drop - BRN drop (points)", d["bn"] - d["brn"], 0.0)
-    else:
-        c.missing.append("BRN was not run")
-    return c
+    _greater(c, results, FULL_BN, "BN")
+    out.append(c)
+    papers = {"brn": "Ioffe 2017", "cbn": "Yao et al. 2021", "gn": "Wu & He 2018", "bkn": "Wang et al. 2018"}
+    for kind, paper in papers.items():
+        if kind not in KINDS:
+            continue
+        label = LABELS[kind]
+        c = Claim(
+            f"{label}: beats BN at small batch",
+            f"At {n}, {label} reaches a higher test accuracy than BN, by more than {MIN_EFFECT:g} point ({paper}).",
+        )
+        _greater(c, results, label, "BN")
+        out.append(c)
+    c = Claim(
+        "CBN: compensation matters",
+        f"At {n}, CBN with the Taylor compensation beats CBN pooling the stale statistics uncompensated "
+        f"('{NAIVE_CBN}'), by more than {MIN_EFFECT:g} point (Yao et al. 2021, the naive baseline).",
+    )
+    _greater(c, results, "CBN", NAIVE_CBN)
+    out.append(c)
+    c = Claim(
+        "BRN = BN at full batch",
+        f"With statistics over the whole minibatch of {GLOBAL}, Batch Renorm matches BatchNorm: the paired "
+        f"difference lies within ±{MARGIN:g} point (Ioffe 2017: 'BRN equals BN' when minibatches are large).",
+    )
+    _equivalent(c, results, FULL_BRN, FULL_BN)
+    out.append(c)
+    if "ghost" in KINDS:
+        c = Claim(
+            "ghost = per-device BN",
+            f"Ghost BN with ghost batches of {SMALL} on one device matches BN on {GLOBAL // SMALL} unsynchronized "
+            f"devices of {SMALL} within ±{MARGIN:g} point: ghost batches are the per-device statistics of "
+            "data-parallel training (Hoffer et al. 2017); they differ only in which batches feed the running "
+            "estimates.",
+        )
+        _equivalent(c, results, "ghost", "BN")
+        out.append(c)
+    return out
 
 
 def table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """One row per normalizer: mean ± std accuracy (%) per batch size and the drop."""
-    acc = results["accuracy"]
-    sizes = sorted(next(iter(acc.values())), key=int, reverse=True) if acc else []
-    d = drops(results)
-    rows = []
-    for kind, by_batch in acc.items():
-        cells = []
-        for b in sizes:
-            m, s = mean_std(by_batch[b])
-            cells.append(f"{m:.1f} ± {s:.1f}")
-        rows.append([LABELS[kind], *cells, round(d.get(kind, float("nan")), 2)])
-    return ["norm", *[f"batch {b}" for b in sizes], "drop best -> smallest (points)"], rows
+    """One row per cell: devices, normalization batch, accuracy, final training loss, difference to BN full batch."""
+    out = []
+    ref = _acc(results, FULL_BN)
+    for label, cell in results["cells"].items():
+        acc, loss = cell["accuracy"], cell["final_train_loss"]
+        diff = paired_interval(acc, ref).text() if ref is not None and label != FULL_BN else "-"
+        out.append(
+            [
+                label,
+                cell["devices"],
+                cell["normalization_batch"],
+                "{:.1f} ± {:.1f}".format(*mean_std(acc)),
+                f"{mean_interval(loss).mean:.3f} (max {max(loss):.3f})",
+                diff,
+            ]
+        )
+    headers = ["row", "devices", "norm. batch", "test acc (%)", "final train loss", f"minus {FULL_BN}, 95 % CI"]
+    return headers, out
 
 
 def plot(results: dict[str, Any], out: Path) -> list[str]:
-    """Accuracy against batch size (log scale), mean ± std over seeds."""
+    """The claims' paired effects with intervals, and every row's accuracy (mean, 95 % interval)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, by_batch in results["accuracy"].items():
-        sizes = sorted(by_batch, key=int)
-        stats = [mean_std(by_batch[b]) for b in sizes]
-        ax.errorbar(
-            [int(b) for b in sizes],
-            [m for m, _ in stats],
-            yerr=[s for _, s in stats],
-            label=LABELS[kind],
-            marker="o",
-            capsize=3,
-        )
-    ax.set_xscale("log", base=2)
-    ticks = sorted({int(b) for by_batch in results["accuracy"].values() for b in by_batch})
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.set_xlabel("batch size per step")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("digits CNN: accuracy vs batch size")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return [save(fig, out, "accuracy_vs_batch.png")]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.2, 1]})
+    plot_effects(ax1, claims(results), title=f"paired effects, points (min. effect {MIN_EFFECT:g}, margin ±{MARGIN:g})")
+    labels = list(results["cells"])
+    ivs = [mean_interval(results["cells"][k]["accuracy"]) for k in labels]
+    ys = list(range(len(labels)))[::-1]
+    for y, label, iv in zip(ys, labels, ivs):
+        ref = label in (FULL_BN, FULL_BRN)
+        color = "tab:blue" if ref else ("tab:orange" if label == NAIVE_CBN else "tab:gray")
+        lo = iv.low if iv.n > 1 else iv.mean
+        hi = iv.high if iv.n > 1 else iv.mean
+        ax2.errorbar([iv.mean], [y], xerr=[[iv.mean - lo], [hi - iv.mean]], fmt="o", color=color, capsize=3)
+    ax2.set_yticks(ys, labels)
+    ax2.set_xlabel("test accuracy (%), mean and 95 % interval over seeds")
+    ax2.set_title(f"accuracy per row (blue: full batch {GLOBAL}; others: {SMALL} per device)")
+    ax2.grid(alpha=0.3, axis="x")
+    return [save(fig, out, "small_batch.png")]
 
 
 EXPERIMENT = Experiment(
     "small-batch",
-    "Test accuracy vs batch size: BN, BRN, CBN, GN, DBN",
+    "Small per-device batches: BN, BRN, CBN, GN, ghost, BKN, DBN vs BN over the full batch",
     __doc__.split("\n\n", 1)[1].strip(),
-    run,
-    claim,
+    seeds,
+    job,
+    collect,
+    claims,
     table,
     plot,
 )
