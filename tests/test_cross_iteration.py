@@ -21,7 +21,7 @@ from torch import nn
 
 import normlab
 from _shared import resnet
-from normlab import CrossIterationBatchNorm
+from normlab import CrossIterationBatchNorm, cross_iteration
 from normlab.cross_iteration import _pooled_step, compensate, pooled_batch_norm, producer_derivatives
 
 DT = torch.float64
@@ -87,6 +87,10 @@ PRODUCERS = {
         lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False),
         (2, 4, 7, 6),
     ),
+    "conv2d_stride_dilation_reflect": (
+        lambda: nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2, padding_mode="reflect", bias=False),
+        (2, 3, 7, 8),
+    ),
     "conv1d_same_reflect": (lambda: nn.Conv1d(3, 5, 3, padding="same", padding_mode="reflect"), (2, 3, 9)),
     "conv3d_even_kernel": (lambda: nn.Conv3d(2, 4, 2, padding=1), (2, 2, 3, 4, 3)),
     "linear": (lambda: nn.Linear(5, 4), (3, 5)),
@@ -129,11 +133,19 @@ def test_compensated_mean_is_exact(name):
             assert (layer.window_mean[slot] - mean[slot]).abs().max() > 1e-3  # the compensation did move it
 
 
+@pytest.mark.parametrize("patches", [False, True], ids=["weight_gradient", "patch_products"])
 @pytest.mark.parametrize("name", list(PRODUCERS))
-def test_closed_form_derivatives_match_autograd(name):
+def test_closed_form_derivatives_match_autograd(name, patches, monkeypatch):
+    """Both ways of computing the sums: the producer's weight gradient, and (2-D convolutions of one
+    group with few output positions and a large weight) one product over the unfolded patches."""
+    if patches:
+        monkeypatch.setattr(cross_iteration, "_PATCH_ROWS", 1 << 30)
+        monkeypatch.setattr(cross_iteration, "_PATCH_WEIGHT", 0)
     producer, layer, shape = make_pair(name, window=2)
     x = torch.randn(shape, dtype=DT)
     out = producer(x)
+    by_patches = patches and name in ("conv2d_bias", "conv2d_stride_dilation_reflect")
+    assert cross_iteration._by_patches(producer, x, out) == by_patches
     dims = dims_of(out)
     m = out.numel() // out.size(1)
     dmu, dnu = producer_derivatives(producer, x, out.detach(), torch.tensor(float(m), dtype=DT))
@@ -142,6 +154,15 @@ def test_closed_form_derivatives_match_autograd(name):
     torch.testing.assert_close(dnu, ref_nu, rtol=1e-10, atol=1e-12)
     groups = dmu.size(0)
     torch.testing.assert_close(dmu.repeat_interleave(out.size(1) // groups, 0), ref_mu, rtol=1e-10, atol=1e-12)
+
+
+def test_slot_by_slot_dots_equal_the_batched_ones(monkeypatch):
+    """The window's dot products against the current weight, slot by slot (large windows) or at once."""
+    d, w = torch.randn(7, 6, 40, dtype=DT), torch.randn(6, 40, dtype=DT)
+    expected = (d * w).sum(-1)
+    torch.testing.assert_close(cross_iteration._slot_dots(d, w), expected, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(cross_iteration, "_SLOT_BY_SLOT", 0)
+    torch.testing.assert_close(cross_iteration._slot_dots(d, w), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_compensated_sqmean_error_is_quadratic():
