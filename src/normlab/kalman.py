@@ -65,9 +65,12 @@ from torch import Tensor, nn
 
 from .base import BatchStats, NormBase
 from .checks import check_input, check_positive_int, layer_name
+from .dispatch import FusedStep
 from .kernels import (
+    channel_stats,
     check_micro_batches,
     ema_steps,
+    in_format_of,
     micro_batch_norm,
     micro_batch_sizes,
     micro_batch_steps,
@@ -421,28 +424,29 @@ def _kalman_step(
     """Normalize each micro-batch of ``x`` with its posterior; return ``y``, the ``(G, C)`` posterior
     mean and biased variance (with their graph), and the value counts ``(G,)``.
 
-    Without a prediction (or with ``p = 0``) the posterior is the observation: torch's batch-norm
-    kernel per micro-batch (:func:`normlab.kernels.micro_batch_norm`), exactly ghost BN, and with
-    ``differentiable`` (a layer after this one predicts from it) its moments once more with their
-    graph. Otherwise
-    the observation's moments are differentiable ``var_mean``s over each micro-batch and the output
-    is ``x * A + B`` with the per-(group, channel) scale and shift of the posterior.
+    Without a prediction (or with ``p = 0``) and when no later layer predicts from this one
+    (``differentiable`` off), the posterior is the observation: torch's batch-norm kernel per
+    micro-batch (:func:`normlab.kernels.micro_batch_norm`), exactly ghost BN. Otherwise the
+    observation's moments (:data:`_MOMENTS`) and the normalization as one scale and shift per
+    (group, channel) (:data:`_AFFINE`), each with its own backward, and the posterior between them
+    in differentiable ops on ``(G, C)`` tensors.
     """
     sdt = stat_dtype(x)
-    if prediction is None or p == 0.0:
-        size = sizes[0] if len(sizes) > 1 else None
-        y, mean, var, count = micro_batch_norm(x, size, weight, bias, eps)
-        if differentiable and torch.is_grad_enabled() and x.requires_grad:
-            # The same values, with their graph: the next layer's prediction backpropagates into them.
-            mean, var = _group_moments(x if x.dtype == sdt else x.to(sdt), sizes)
+    per_sample = x[0].numel() // max(x.size(1), 1)
+    count = torch.tensor([s * per_sample for s in sizes], dtype=sdt, device=x.device)
+    grad = torch.is_grad_enabled() and (x.requires_grad or (prediction is not None and p != 0.0))
+    if (prediction is None or p == 0.0) and not (differentiable and grad):
+        y, mean, var, _ = micro_batch_norm(x, sizes[0] if len(sizes) > 1 else None, weight, bias, eps)
         return y, mean, var, count
-    xs = x if x.dtype == sdt else x.to(sdt)
-    mean_o, var_o = _group_moments(xs, sizes)
-    mu_p, var_p = (t.to(sdt).expand_as(mean_o) for t in prediction)
-    mean, var = kalman_update((mean_o, var_o), (mu_p, var_p), p)
-    if max_ratio is not None:  # the authors' guard: one decision for the layer, without a host sync
-        keep = (var_p / var_o).mean() < max_ratio
-        mean, var = torch.where(keep, mean, mean_o), torch.where(keep, var, var_o)
+    stats = _MOMENTS(x, None, None, sizes)[0]
+    mean, var = stats[0], stats[1]
+    if prediction is not None and p != 0.0:
+        mean_o, var_o = mean, var
+        mu_p, var_p = (t.to(sdt).expand_as(mean_o) for t in prediction)
+        mean, var = kalman_update((mean_o, var_o), (mu_p, var_p), p)
+        if max_ratio is not None:  # the authors' guard: one decision for the layer, without a host sync
+            keep = (var_p / var_o).mean() < max_ratio
+            mean, var = torch.where(keep, mean, mean_o), torch.where(keep, var, var_o)
     weight, bias = params_in(sdt, weight, bias)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
@@ -450,10 +454,7 @@ def _kalman_step(
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias
-    y = _apply_groups(xs, sizes, scale, shift).to(x.dtype)
-    per_sample = x[0].numel() // max(x.size(1), 1)
-    count = torch.tensor([s * per_sample for s in sizes], dtype=sdt, device=x.device)
-    return y, mean, var, count
+    return _AFFINE(x, scale, shift, sizes)[0], mean, var, count
 
 
 def _group_parts(x: Tensor, sizes: list[int]) -> list[Tensor]:
@@ -466,26 +467,130 @@ def _group_parts(x: Tensor, sizes: list[int]) -> list[Tensor]:
     return parts
 
 
-def _group_moments(x: Tensor, sizes: list[int]) -> Estimate:
-    """Differentiable ``(G, C)`` mean and biased variance of each micro-batch of ``x``."""
-    means, variances = [], []
-    for part in _group_parts(x, sizes):
-        dims = [1, *range(3, part.dim())]
-        v, m = torch.var_mean(part, dim=dims, correction=0)
-        means.append(m)
-        variances.append(v)
-    if len(means) == 1:
-        return means[0], variances[0]
-    return torch.cat(means), torch.cat(variances)
+def _group_affine(x: Tensor, sizes: list[int], scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x * scale + shift`` with the ``(G, C)`` coefficients of each sample's micro-batch.
 
-
-def _apply_groups(x: Tensor, sizes: list[int], scale: Tensor, shift: Tensor) -> Tensor:
-    """``x * scale + shift`` with the ``(G, C)`` coefficients of each sample's micro-batch."""
+    With ``out`` (shaped and laid out as ``x``) written there; else in differentiable ops.
+    """
     outs, start = [], 0
-    for part in _group_parts(x, sizes):
+    targets = _group_parts(out, sizes) if out is not None else None
+    for k, part in enumerate(_group_parts(x, sizes)):
         g = part.size(0)
         shape = (g, 1, part.size(2)) + (1,) * (part.dim() - 3)
         a, b = scale[start : start + g].reshape(shape), shift[start : start + g].reshape(shape)
-        outs.append(torch.addcmul(b, part, a).flatten(0, 1))
+        if targets is None:
+            outs.append(torch.addcmul(b.to(part.dtype), part, a.to(part.dtype)).flatten(0, 1))
+        else:
+            torch.addcmul(b.to(out.dtype), part.to(out.dtype), a.to(out.dtype), out=targets[k])
         start += g
+    if targets is not None:
+        return out
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _group_moments(x: Tensor, sizes: list[int]) -> Tensor:
+    """``(2, G, C)``: each micro-batch's mean and biased variance, in differentiable ops."""
+    xs = x.to(stat_dtype(x))
+    means, variances = [], []
+    for part in _group_parts(xs, sizes):
+        v, m = torch.var_mean(part, dim=[1, *range(3, part.dim())], correction=0)
+        means.append(m)
+        variances.append(v)
+    return torch.stack([torch.cat(means), torch.cat(variances)])
+
+
+# The observation's moments: torch's statistics kernel per micro-batch (kernels.channel_stats); the
+# backward is dL/dx = dL/dmu / m + dL/dvar * 2 (x - mu) / m, one multiply-add per micro-batch.
+def _moments_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int]) -> tuple[Tensor]:
+    chunks = x.split(sizes) if len(sizes) > 1 else (x,)
+    stats = [channel_stats(c) for c in chunks]
+    return (torch.stack([torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])]),)
+
+
+def _moments_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int]) -> tuple[Tensor]:
+    return (x.new_empty((2, len(sizes), x.size(1)), dtype=stat_dtype(x)),)
+
+
+def _moments_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest: tuple, outputs) -> None:  # noqa: ANN001
+    ctx.save_for_backward(x, outputs[0])
+    ctx.sizes = list(rest[0])
+
+
+def _moments_backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # noqa: ANN001
+    x, stats = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    per_sample = x[0].numel() // max(x.size(1), 1)
+    m = torch.tensor([s * per_sample for s in ctx.sizes], dtype=stats.dtype, device=x.device).unsqueeze(-1)
+    c1 = 2 * grad[1] / m
+    c0 = grad[0] / m - c1 * stats[0]
+    return _group_affine(x, ctx.sizes, c1, c0, out=torch.empty_like(x)), None, None
+
+
+def _moments_composite(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:  # noqa: ANN001
+    return _group_moments(x, ctx.sizes)
+
+
+_MOMENTS = FusedStep(
+    "normlab::kalman_moments",
+    _moments_forward,
+    _moments_setup,
+    _moments_backward,
+    _moments_fake,
+    layer="BatchKalmanNorm",
+    composite=_moments_composite,
+)
+
+
+# The normalization with the posterior, y = x * A + B per (micro-batch, channel): one multiply-add
+# forward; backward dL/dx = dL/dy * A in one pass, and dL/dA = sum dL/dy x, dL/dB = sum dL/dy from
+# torch's batch-norm inference backward (mean 0, variance 1, eps 0), one reading pass per micro-batch.
+#
+# The op returns an empty second tensor: torch.compile does not functionalize a custom op's
+# one-tensor tuple, and an in-place op on its output (a residual ``out += identity``) then fails.
+def _affine_forward(x: Tensor, scale: Tensor, shift: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
+    return _group_affine(x, sizes, scale, shift, out=torch.empty_like(x)), x.new_empty(0)
+
+
+def _affine_fake(x: Tensor, scale: Tensor, shift: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty(0)
+
+
+def _affine_setup(ctx, x: Tensor, scale: Tensor, shift: Tensor, rest: tuple, outputs) -> None:  # noqa: ANN001
+    ctx.save_for_backward(x, scale)
+    ctx.sizes = list(rest[0])
+
+
+def _affine_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
+    x, scale = ctx.saved_tensors
+    need_x, need_a, need_b = ctx.needs_input_grad[:3]
+    g = in_format_of(grad_y, x)
+    gx = _group_affine(g, ctx.sizes, scale, torch.zeros_like(scale), out=torch.empty_like(x)) if need_x else None
+    ga = gb = None
+    if need_a or need_b:
+        zero = torch.zeros(x.size(1), dtype=scale.dtype, device=x.device)
+        one = torch.ones_like(zero)
+        sums = [
+            torch.ops.aten.native_batch_norm_backward(
+                gc, xc, None, zero, one, None, None, False, 0.0, [False, True, True]
+            )
+            for gc, xc in zip(g.split(ctx.sizes), x.split(ctx.sizes))
+        ]
+        ga = torch.stack([s[1] for s in sums]).to(scale.dtype) if need_a else None
+        gb = torch.stack([s[2] for s in sums]).to(scale.dtype) if need_b else None
+    return gx, ga, gb
+
+
+def _affine_composite(ctx, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # noqa: ANN001
+    return _group_affine(x, ctx.sizes, scale, shift)
+
+
+_AFFINE = FusedStep(
+    "normlab::kalman_affine",
+    _affine_forward,
+    _affine_setup,
+    _affine_backward,
+    _affine_fake,
+    layer="BatchKalmanNorm",
+    composite=_affine_composite,
+)
