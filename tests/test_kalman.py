@@ -391,3 +391,15 @@ def test_compiled_chain_matches_eager():
         for i in (0, 3):
             torch.testing.assert_close(eager[i].running_var, twin[i].running_var)
     compiled_matches_eager(_layer(4, p=0.5, micro_batch=2).float(), (6, 4, 3, 3), ("running_mean", "running_var"))
+
+
+@pytest.mark.parametrize("shape,sizes", [((12, 6), [4, 4, 4]), ((5, 8, 3, 3), [2, 2, 1]), ((4, 6, 2, 3), [4])])
+def test_steps_pass_torch_opcheck(shape, sizes):
+    from normlab.kalman import _AFFINE, _MOMENTS
+
+    torch.manual_seed(11)
+    x = torch.randn(shape, requires_grad=True)
+    g, c = len(sizes), shape[1]
+    torch.library.opcheck(_MOMENTS._op, (x, None, None, sizes))
+    scale, shift = torch.rand(g, c, requires_grad=True) + 0.5, torch.randn(g, c, requires_grad=True)
+    torch.library.opcheck(_AFFINE._op, (x, scale, shift, sizes))
