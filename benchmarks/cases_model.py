@@ -4,8 +4,8 @@ blocks of 64..512 channels) at 16x3x64x64, and of a 4-layer MLP with BatchNorm1d
 kind converted from the same model against the model with torch's BatchNorm, in the same run.
 
 The label carries the state dict's size against BatchNorm's (what a checkpoint costs). Targets (time):
-brn and mobn <= 1.05x, dbn (group size 16) <= 1.3x, cbn (window 8) <= 1.5x, ghost <= 1.1x (ghost batches
-of 4 in the ResNet's batch of 16, of 32 in the MLP's 512).
+brn and mobn <= 1.05x, dbn (group size 16) <= 1.3x, cbn (window 8) <= 1.5x, ghost and bkn <= 1.1x (ghost
+batches and micro-batches of 4 in the ResNet's batch of 16, of 32 in the MLP's 512).
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ KINDS = {
     "dbn": ({"group_size": 16}, 1.3),
     "cbn": ({"window": 8}, 1.5),
     "ghost": ({}, 1.1),
+    "bkn": ({}, 1.1),
 }
-# Ghost batches of a quarter of the ResNet's batch of 16 and a sixteenth of the MLP's batch of 512.
+# Ghost batches (and BKN's micro-batches) of a quarter of the ResNet's batch of 16 and a sixteenth
+# of the MLP's batch of 512.
 GHOST = {"resnet18": 4, "mlp4": 32}
 
 
@@ -99,7 +101,8 @@ def _state_bytes(model: nn.Module) -> int:
 
 
 def _options(name: str, kind: str) -> dict:
-    return KINDS[kind][0] | ({"virtual_batch_size": GHOST[name]} if kind == "ghost" else {})
+    groups = {"ghost": {"virtual_batch_size": GHOST[name]}, "bkn": {"micro_batch": GHOST[name]}}
+    return KINDS[kind][0] | groups.get(kind, {})
 
 
 def _converted(name: str, build, kind: str, shape: tuple[int, ...]) -> nn.Module:
