@@ -403,3 +403,14 @@ def test_steps_pass_torch_opcheck(shape, sizes):
     torch.library.opcheck(_MOMENTS._op, (x, None, None, sizes))
     scale, shift = torch.rand(g, c, requires_grad=True) + 0.5, torch.randn(g, c, requires_grad=True)
     torch.library.opcheck(_AFFINE._op, (x, scale, shift, sizes))
+
+
+def test_sum_rule_for_independent_branches():
+    torch.manual_seed(12)
+    a = torch.randn(200_000, dtype=D) * 1.5 + 2
+    b = torch.randn(200_000, dtype=D) * 0.5 - 1
+    mean, var = normlab.sum_estimates((a.mean(), a.var()), (b.mean(), b.var()))
+    torch.testing.assert_close(mean, (a + b).mean())
+    torch.testing.assert_close(var, (a + b).var(), rtol=0.02, atol=0)
+    with pytest.raises(ValueError, match="at least one"):
+        normlab.sum_estimates()
