@@ -35,9 +35,7 @@ def test_matches_batch_norm_per_ghost_batch(shape, v, momentum):
         y = layer(x)
         bn = nn.BatchNorm1d(6, momentum=momentum, dtype=D)
         bn.num_batches_tracked.copy_(layer.num_batches_tracked - len(range(0, shape[0], v)))
-        y_ref = torch.cat([
-            nn.functional.batch_norm(c, rm, rv, w, b, True, _factor(bn), 1e-5) for c in xr.split(v)
-        ])
+        y_ref = torch.cat([nn.functional.batch_norm(c, rm, rv, w, b, True, _factor(bn), 1e-5) for c in xr.split(v)])
         torch.testing.assert_close(y, y_ref)
         g = torch.randn_like(y)
         got = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
@@ -96,9 +94,7 @@ def test_functional_core_matches_the_layer():
     y = ghost_batch_norm(x, rm, rv, layer.weight, layer.bias, True, 0.1, virtual_batch_size=3)
     torch.testing.assert_close(y, layer(x))
     torch.testing.assert_close((rm, rv), (layer.running_mean, layer.running_var))
-    torch.testing.assert_close(
-        ghost_batch_norm(x, rm, rv, layer.weight, layer.bias), layer.eval()(x)
-    )
+    torch.testing.assert_close(ghost_batch_norm(x, rm, rv, layer.weight, layer.bias), layer.eval()(x))
 
 
 def test_convert_and_back_keep_the_learned_state():
@@ -109,3 +105,29 @@ def test_convert_and_back_keep_the_learned_state():
     torch.testing.assert_close(ghost[1].running_var, model[1].running_var)
     back = normlab.convert(ghost, "bn")
     assert type(back[1]) is nn.BatchNorm2d
+
+
+@pytest.mark.parametrize("shape,sizes", [((12, 6), [4, 4, 4]), ((5, 8, 3, 3), [2, 2, 1])])
+def test_step_passes_torch_opcheck(shape, sizes):
+    from normlab.ghost import _STEP
+
+    torch.manual_seed(5)
+    x = torch.randn(shape, requires_grad=True)
+    w, b = torch.rand(shape[1], requires_grad=True) + 0.5, torch.randn(shape[1], requires_grad=True)
+    torch.library.opcheck(_STEP._op, (x, w, b, sizes, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_and_parameter_only_gradients(dtype):
+    torch.manual_seed(6)
+    layer = normlab.GhostBatchNorm(4, virtual_batch_size=3)
+    x = torch.randn(8, 4, 3, 3).to(dtype)
+    y = layer(x)
+    ref = torch.cat(
+        [nn.functional.batch_norm(c.float(), None, None, layer.weight, layer.bias, True) for c in x.split(3)]
+    )
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
+    assert y.dtype == dtype
+    (gw,) = torch.autograd.grad(y.float().square().sum(), layer.weight)  # no input gradient asked for
+    (gw_ref,) = torch.autograd.grad(ref.square().sum(), layer.weight)
+    torch.testing.assert_close(gw, gw_ref, atol=0.5, rtol=2e-2)

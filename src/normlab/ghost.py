@@ -31,9 +31,20 @@ from torch import Tensor
 
 from .base import BatchStats, NormBase
 from .checks import check_input, check_positive_int
-from .kernels import check_micro_batches, ema_steps, micro_batch_norm, micro_batch_steps
+from .dispatch import FusedStep
+from .kernels import (
+    LOW_PRECISION,
+    check_micro_batches,
+    ema_steps,
+    in_format_of,
+    micro_batch_norm,
+    micro_batch_sizes,
+    micro_batch_steps,
+    params_in,
+    stat_dtype,
+)
 
-__all__ = ["GhostBatchNorm", "ghost_batch_norm"]
+__all__ = ["GhostBatchNorm", "ghost_batch_norm", "micro_batch_step"]
 
 
 class GhostBatchNorm(NormBase):
@@ -80,7 +91,7 @@ class GhostBatchNorm(NormBase):
 
     # ----------------------------------------------------------------------------- the paper's steps
     def normalize_batch(self, x: Tensor, group: Any | None) -> tuple[Tensor, BatchStats]:
-        y, mean, var, count = micro_batch_norm(x, self.virtual_batch_size, self.weight, self.bias, self.eps)
+        y, mean, var, count = micro_batch_step(x, self.virtual_batch_size, self.weight, self.bias, self.eps)
         return y, BatchStats(mean, var, count)
 
     def update_running(self, stats: BatchStats) -> None:
@@ -112,7 +123,116 @@ def ghost_batch_norm(
         return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     check_input("ghost_batch_norm", x, x.size(1), False)
     check_micro_batches("ghost_batch_norm", x, virtual_batch_size)
-    y, mean, var, count = micro_batch_norm(x, virtual_batch_size, weight, bias, eps)
+    y, mean, var, count = micro_batch_step(x, virtual_batch_size, weight, bias, eps)
     if momentum is not None and running_mean is not None:
         ema_steps(running_mean, running_var, mean, var, count, momentum)
     return y
+
+
+def micro_batch_step(
+    x: Tensor, size: int | None, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batch normalization of each contiguous micro-batch of ``x`` with its own statistics.
+
+    As :func:`normlab.kernels.micro_batch_norm` (same values and returns: ``y``, the ``(G, C)`` means
+    and biased variances, the counts ``(G,)``), with several micro-batches as one step
+    (:data:`_STEP`) that writes each micro-batch's output and gradient in place, so neither the
+    forward nor the backward joins the parts in an extra copy.
+    """
+    sizes = micro_batch_sizes(x.size(0), size)
+    if len(sizes) < 2 or x.dtype in LOW_PRECISION:  # (the kernels' .out forms take no mixed precision)
+        return micro_batch_norm(x, size, weight, bias, eps)
+    y, mean, var, _ = _STEP(x, weight, bias, sizes, eps)
+    per_sample = x[0].numel() // max(x.size(1), 1)
+    count = torch.tensor([s * per_sample for s in sizes], dtype=mean.dtype, device=x.device)
+    return y, mean, var, count
+
+
+# ----------------------------------------------------------------------------------- kernels
+# torch's batch-norm kernels per micro-batch, written into slices of one output (``.out`` variants):
+# the forward keeps each micro-batch's mean and 1/std (for the backward) and its unbiased variance
+# (scratch running buffers at momentum 1, as micro_batch_norm); the backward writes each
+# micro-batch's input gradient into its slice and sums the parameter gradients.
+def _step_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int], eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    sdt = stat_dtype(x)
+    weight, bias = params_in(sdt, weight, bias)
+    y = torch.empty_like(x)
+    g, c = len(sizes), x.size(1)
+    running = x.new_zeros((2, g, c), dtype=sdt)
+    saved = x.new_empty((2, g, c), dtype=sdt)
+    for k, (xc, yc) in enumerate(zip(x.split(sizes), y.split(sizes))):
+        torch.ops.aten.native_batch_norm.out(
+            xc,
+            weight,
+            bias,
+            running[0, k],
+            running[1, k],
+            True,
+            1.0,
+            eps,
+            out=yc,
+            save_mean=saved[0, k],
+            save_invstd=saved[1, k],
+        )
+    per_sample = x[0].numel() // max(c, 1)
+    m = torch.tensor([s * per_sample for s in sizes], dtype=sdt, device=x.device).unsqueeze(-1)
+    return y, saved[0].clone(), running[1] * ((m - 1) / m), saved[1].clone()
+
+
+def _step_fake(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int], eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    stats = x.new_empty((len(sizes), x.size(1)), dtype=stat_dtype(x))
+    return torch.empty_like(x), stats, torch.empty_like(stats), torch.empty_like(stats)
+
+
+def _step_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest: tuple, outputs) -> None:  # noqa: ANN001
+    _, mean, _, invstd = outputs
+    ctx.save_for_backward(x, params_in(mean.dtype, weight)[0], mean, invstd)
+    ctx.sizes, ctx.eps = list(rest[0]), rest[1]
+    ctx.param_dtype = None if weight is None else weight.dtype
+
+
+def _step_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
+    x, w, mean, invstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    g = in_format_of(grad_y, x)
+    gx = torch.empty_like(x) if need_x else None
+    gx_parts = gx.split(ctx.sizes) if need_x else [torch.empty(0, dtype=x.dtype)] * len(ctx.sizes)
+    sums = mean.new_empty((2, *mean.shape))
+    for k, (gc, xc) in enumerate(zip(g.split(ctx.sizes), x.split(ctx.sizes))):
+        torch.ops.aten.native_batch_norm_backward.out(
+            gc,
+            xc,
+            w,
+            None,
+            None,
+            mean[k],
+            invstd[k],
+            True,
+            ctx.eps,
+            [need_x, True, True],
+            out0=gx_parts[k],
+            out1=sums[0, k],
+            out2=sums[1, k],
+        )
+    gw = sums[0].sum(0).to(ctx.param_dtype) if need_w else None
+    gb = sums[1].sum(0).to(ctx.param_dtype) if need_b else None
+    return gx, gw, gb
+
+
+def _step_composite(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:  # noqa: ANN001
+    return micro_batch_norm(x, ctx.sizes[0], weight, bias, ctx.eps)[0]
+
+
+_STEP = FusedStep(
+    "normlab::micro_batch_norm",
+    _step_forward,
+    _step_setup,
+    _step_backward,
+    _step_fake,
+    layer="GhostBatchNorm",
+    composite=_step_composite,
+)

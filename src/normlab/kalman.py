@@ -381,16 +381,19 @@ def predict(mean: Tensor, var: Tensor, layer: nn.Module, activation: str = "relu
             v = var @ weight.square().t()
         elif isinstance(layer, TRANSITIONS):
             g = layer.groups
-            w1 = weight.flatten(2).sum(-1)  # (C_out, C_in / g)
+            w1 = weight.flatten(2).sum(-1)  # (C_out, C_in / g): the taps summed
             w2 = weight.square().flatten(2).sum(-1)
-            c_out, c_in_g = w1.shape
-            lead = mean.shape[:-1]
-            w1 = w1.reshape(g, c_out // g, c_in_g)
-            w2 = w2.reshape(g, c_out // g, c_in_g)
-            e = mean.reshape(*lead, g, c_in_g)
-            d = var.reshape(*lead, g, c_in_g)
-            mu = torch.einsum("...gi,goi->...go", e, w1).reshape(*lead, c_out)
-            v = torch.einsum("...gi,goi->...go", d, w2).reshape(*lead, c_out)
+            if g == 1:
+                mu, v = mean @ w1.t(), var @ w2.t()
+            else:
+                c_out, c_in_g = w1.shape
+                lead = mean.shape[:-1]
+                w1 = w1.reshape(g, c_out // g, c_in_g)
+                w2 = w2.reshape(g, c_out // g, c_in_g)
+                e = mean.reshape(*lead, g, c_in_g)
+                d = var.reshape(*lead, g, c_in_g)
+                mu = torch.einsum("...gi,goi->...go", e, w1).reshape(*lead, c_out)
+                v = torch.einsum("...gi,goi->...go", d, w2).reshape(*lead, c_out)
         else:
             raise ValueError(
                 f"predict: expected one of {[t.__name__ for t in TRANSITIONS]}, got {type(layer).__name__}"
