@@ -151,6 +151,7 @@ def test_replicas_share_weights_and_keep_their_own_statistics() -> None:
         replicate(model, 0)
 
 
+@pytest.mark.slow
 def test_devices_train_as_ghost_batches() -> None:
     # BN on 4 emulated devices of 2 computes what GhostBatchNorm with ghost batches of 2 computes on one
     # device (the per-device statistics), and the same gradients: the same losses step by step.
@@ -178,6 +179,7 @@ def test_devices_must_divide_the_batch() -> None:
 
 
 # ------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MINE)
 def test_experiment_outputs_exist_and_parse(tiny_run: tuple[Path, list[dict]], name: str) -> None:
     out, _ = tiny_run
@@ -200,6 +202,7 @@ def test_experiment_outputs_exist_and_parse(tiny_run: tuple[Path, list[dict]], n
         assert (folder / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MINE)
 def test_claims_are_recomputed_from_saved_numbers(tiny_run: tuple[Path, list[dict]], name: str) -> None:
     out, _ = tiny_run
@@ -208,6 +211,7 @@ def test_claims_are_recomputed_from_saved_numbers(tiny_run: tuple[Path, list[dic
     assert [c.to_dict() for c in claims] == results["claims"]
 
 
+@pytest.mark.slow
 def test_summary_and_index(tiny_run: tuple[Path, list[dict]]) -> None:
     out, summary = tiny_run
     assert list(dict.fromkeys(s["experiment"] for s in summary)) == list(MINE)
@@ -220,6 +224,7 @@ def test_summary_and_index(tiny_run: tuple[Path, list[dict]]) -> None:
         assert s["statement"] in index and len(s["claim"]) <= 30
 
 
+@pytest.mark.slow
 def test_pooled_run_gives_the_serial_numbers(tiny_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
     out, _ = tiny_run
     # Two of the three experiments (the pool's start-up dominates; small-batch's jobs are the costliest).
@@ -233,6 +238,7 @@ def test_pooled_run_gives_the_serial_numbers(tiny_run: tuple[Path, list[dict]], 
         assert pooled == serial, name
 
 
+@pytest.mark.slow
 def test_another_base_seed_gives_other_numbers(tiny_run: tuple[Path, list[dict]], tmp_path: Path) -> None:
     out, _ = tiny_run
     run_experiments(Context("tiny", seed=4, out=tmp_path, progress=False), ["non-iid"], jobs=1)
@@ -413,6 +419,7 @@ def test_cli_rejects_unknown_experiment_and_missing_cuda(capsys: pytest.CaptureF
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_runs_one_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["run", "domain-shift", "--tiny", "--out", str(tmp_path), "--no-progress", "--seed", "1", "--jobs", "1"]
     assert main(argv) == 0

@@ -38,6 +38,8 @@ def _num(x: float) -> str:
         return "nan"
     if math.isinf(x):
         return "+inf" if x > 0 else "-inf"
+    if abs(x) < 1e-9:  # rounding residue of a difference of equal means
+        return "+0"
     return f"{x:+.3g}"
 
 

@@ -119,12 +119,19 @@ def _run_jobs(tasks: list[tuple[str, int]], ctx: Context, jobs: int) -> list[tup
         quiet = dataclasses.replace(ctx, progress=False)
         # spawn, not fork: a forked child of a process that already ran torch's thread pools can hang.
         mp = multiprocessing.get_context("spawn")
-        with mp.Pool(min(jobs, len(tasks)), initializer=_init_worker, initargs=(torch.get_num_threads(),)) as pool:
+        pool = mp.Pool(min(jobs, len(tasks)), initializer=_init_worker, initargs=(torch.get_num_threads(),))
+        try:
             results = []
             for item in pool.imap(_pooled_job, [(name, quiet, s) for name, s in tasks], chunksize=1):
                 results.append(item)
                 bar.update(1)
-            return results
+            pool.close()  # an orderly exit: the workers finish and release their semaphores
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
+        return results
 
 
 def default_jobs() -> int:

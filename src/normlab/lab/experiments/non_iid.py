@@ -192,16 +192,18 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     plot_effects(ax1, claims(results), title=f"paired effects, points (min. effect {MIN_EFFECT:g})")
+    steps = results["settings"].get("steps", 0)
     for key, ys in results["curves"].items():
         if not ys:
             continue
         kind, order = key.split("/")
         style = "-" if order == "iid" else "--"
-        ax2.plot(range(1, len(ys) + 1), ys, style, color=COLORS[kind], label=f"{LABELS[kind]} {order}")
+        xs = [steps * (i + 0.5) / len(ys) for i in range(len(ys))]  # window centres, in steps
+        ax2.plot(xs, ys, style, color=COLORS[kind], label=f"{LABELS[kind]} {order}")
     ax2.set_yscale("log")
-    ax2.set_xlabel("training progress (windows of 2 % of the steps)")
+    ax2.set_xlabel("training step")
     ax2.set_ylabel("training loss (train mode, log scale)")
-    ax2.set_title("training loss, first seed (colour: normalizer; dashed: non-i.i.d.)")
+    ax2.set_title("training loss, first seed (dashed: non-i.i.d.)")
     ax2.legend(fontsize=8, loc="upper right")
     ax2.grid(alpha=0.3)
     return [save(fig, out, "non_iid.png")]
