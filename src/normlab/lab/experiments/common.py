@@ -21,6 +21,7 @@ __all__ = [
     "grid_optimum",
     "VERDICT_COLORS",
     "plot_effects",
+    "effects_figure",
     "save",
 ]
 
@@ -103,11 +104,28 @@ def plot_effects(ax: Any, claims: Sequence[Claim], title: str = "effects (paired
         else:
             ax.fill_betweenx([y - 0.4, y + 0.4], -e.threshold, e.threshold, color="tab:blue", alpha=0.12)
     ax.axvline(0.0, color="gray", linewidth=0.8)
-    ax.set_yticks(range(len(effects)), [f"{c.name}:\n{e.description}" for c, e in reversed(effects)], fontsize=7)
+    # One claim per axis (the usual case) is named in the title; the rows then need only the effect.
+    names = [e.description if len(claims) == 1 else f"{c.name}:\n{e.description}" for c, e in reversed(effects)]
+    ax.set_yticks(range(len(effects)), names, fontsize=7)
     units = sorted({e.unit for _, e in effects})
     ax.set_xlabel(f"paired difference ({', '.join(units)})" if units else "paired difference")
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="x")
+
+
+def effects_figure(claims: Sequence[Claim], title: str, columns: int = 2) -> Any:
+    """A figure with one panel per claim (:func:`plot_effects`), each on its own scale, titled with its verdict."""
+    plt = pyplot()
+    rows = max(1, math.ceil(len(claims) / columns))
+    heights = [max(1, len(c.effects)) for c in claims]
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 0.9 + 1.3 * rows * max(heights, default=1)))
+    flat = list(axes.flat) if hasattr(axes, "flat") else [axes]
+    for ax, c in zip(flat, claims):
+        plot_effects(ax, [c], title=f"{c.name}: {c.verdict}")
+    for ax in flat[len(claims) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    return fig
 
 
 def save(fig: Any, out: Path, name: str) -> str:

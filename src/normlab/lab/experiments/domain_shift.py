@@ -41,7 +41,7 @@ from ..report import Claim, mean_std, pyplot
 from ..stats import mean_interval, paired_interval
 from ..train import Context, TrainConfig, evaluate, fit
 from . import Experiment
-from .common import plot_effects, save
+from .common import effects_figure, save
 
 GAIN_MIN = 1.0  # points: the smallest AdaBN gain over source-only that counts as an improvement
 CONTROL = "inversion"
@@ -222,11 +222,10 @@ def table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 def plot(results: dict[str, Any], out: Path) -> list[str]:
     """The paired AdaBN gain per shift with its interval, and the per-layer statistic shift (mean over seeds)."""
-    plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
-    plot_effects(ax1, claims(results), title=f"AdaBN gain over source-only (min. effect {GAIN_MIN:g} point)")
-    names = list(results["shift"])
-    for i, name in enumerate(names):
+    title = f"domain-shift: AdaBN gain over source-only, paired, 95 % intervals (dashed: min. effect {GAIN_MIN:g})"
+    pngs = [save(effects_figure(claims(results), title), out, "domain_shift_effects.png")]
+    fig, ax2 = pyplot().subplots(figsize=(8, 4.2))
+    for i, name in enumerate(results["shift"]):
         before = _layer_means(results["shift"][name]["before"])
         after = _layer_means(results["shift"][name]["after"])
         layers = range(1, len(before) + 1)
@@ -240,7 +239,8 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     ax2.set_title("per-layer statistic shift (by construction after AdaBN)")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    return [save(fig, out, "domain_shift.png")]
+    pngs.append(save(fig, out, "domain_shift.png"))
+    return pngs
 
 
 EXPERIMENT = Experiment(

@@ -38,7 +38,7 @@ from ..report import Claim, mean_std, pyplot
 from ..stats import mean_interval, paired_interval
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import norm_options, plot_effects, save
+from .common import effects_figure, norm_options, save
 
 NORMS = ("bn", "brn")
 LABELS = {"bn": "BN", "brn": "BRN"}
@@ -189,9 +189,9 @@ def table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 def plot(results: dict[str, Any], out: Path) -> list[str]:
     """The claims' paired effects with their intervals, and the training-loss curves (seed 0)."""
-    plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    plot_effects(ax1, claims(results), title=f"paired effects, points (min. effect {MIN_EFFECT:g})")
+    title = f"non-iid: paired effects over seeds, 95 % intervals (dashed: min. effect {MIN_EFFECT:g} point)"
+    names = [save(effects_figure(claims(results), title), out, "non_iid_effects.png")]
+    fig, ax2 = pyplot().subplots(figsize=(7, 4.2))
     steps = results["settings"].get("steps", 0)
     for key, ys in results["curves"].items():
         if not ys:
@@ -206,7 +206,8 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     ax2.set_title("training loss, first seed (dashed: non-i.i.d.)")
     ax2.legend(fontsize=8, loc="upper right")
     ax2.grid(alpha=0.3)
-    return [save(fig, out, "non_iid.png")]
+    names.append(save(fig, out, "non_iid.png"))
+    return names
 
 
 EXPERIMENT = Experiment(

@@ -54,7 +54,7 @@ from ..report import Claim, mean_std, pyplot
 from ..stats import mean_interval, paired_interval
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import NORM_OPTION_NOTES, norm_options, plot_effects, save
+from .common import NORM_OPTION_NOTES, effects_figure, norm_options, save
 
 # Every kind at the small per-device batch; adding a registered kind here (and its norm_options entry)
 # adds its row.
@@ -249,24 +249,26 @@ def table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 
 def plot(results: dict[str, Any], out: Path) -> list[str]:
-    """The claims' paired effects with intervals, and every row's accuracy (mean, 95 % interval)."""
+    """Each claim's paired effect with its interval (its own scale), and every row's accuracy (mean, 95 % interval)."""
+    title = "small-batch: paired effects over seeds, 95 % intervals"
+    title += f" (dashed: min. effect {MIN_EFFECT:g}; band: ±{MARGIN:g})"
+    names = [save(effects_figure(claims(results), title), out, "small_batch_effects.png")]
     plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.2, 1]})
-    plot_effects(ax1, claims(results), title=f"paired effects, points (min. effect {MIN_EFFECT:g}, margin ±{MARGIN:g})")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = list(results["cells"])
-    ivs = [mean_interval(results["cells"][k]["accuracy"]) for k in labels]
     ys = list(range(len(labels)))[::-1]
-    for y, label, iv in zip(ys, labels, ivs):
-        ref = label in (FULL_BN, FULL_BRN)
-        color = "tab:blue" if ref else ("tab:orange" if label == NAIVE_CBN else "tab:gray")
+    for y, label in zip(ys, labels):
+        iv = mean_interval(results["cells"][label]["accuracy"])
+        color = "tab:blue" if label in (FULL_BN, FULL_BRN) else ("tab:orange" if label == NAIVE_CBN else "tab:gray")
         lo = iv.low if iv.n > 1 else iv.mean
         hi = iv.high if iv.n > 1 else iv.mean
-        ax2.errorbar([iv.mean], [y], xerr=[[iv.mean - lo], [hi - iv.mean]], fmt="o", color=color, capsize=3)
-    ax2.set_yticks(ys, labels)
-    ax2.set_xlabel("test accuracy (%), mean and 95 % interval over seeds")
-    ax2.set_title(f"accuracy per row (blue: full batch {GLOBAL}; others: {SMALL} per device)")
-    ax2.grid(alpha=0.3, axis="x")
-    return [save(fig, out, "small_batch.png")]
+        ax.errorbar([iv.mean], [y], xerr=[[iv.mean - lo], [hi - iv.mean]], fmt="o", color=color, capsize=3)
+    ax.set_yticks(ys, labels)
+    ax.set_xlabel("test accuracy (%), mean and 95 % interval over seeds")
+    ax.set_title(f"per row (blue: statistics over all {GLOBAL}; grey/orange: {SMALL} per device)", fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    names.append(save(fig, out, "small_batch.png"))
+    return names
 
 
 EXPERIMENT = Experiment(
