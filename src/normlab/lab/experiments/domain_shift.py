@@ -16,7 +16,10 @@ average over shifts, which would hide a shift where AdaBN hurts.
 
 Inversion is the negative control: ``1 - x`` flips the sign of the first layer's pre-activations,
 which a per-channel re-standardization cannot undo (it restores the mean and variance, not the
-sign), so AdaBN is expected not to help there, or to hurt: its expected verdict is NOT REPRODUCED.
+sign), so AdaBN is expected to leave the (below-chance) accuracy where it is: the control's claim is
+that the paired change lies within ``±CONTROL_MARGIN`` points (an equivalence), and REPRODUCED means
+the control behaved as expected. (Testing the paper's "gain > 1 point" on it instead gave a verdict
+that changed with the base seed: a true effect near 0 sits within one interval half-width of 1.)
 The per-layer statistic shift (:func:`normlab.statistic_shift`) is reported before and after
 adaptation as a description only: that adaptation removes it is what ``adapt`` does by construction,
 so it is no evidence for the claim.
@@ -38,13 +41,14 @@ import normlab
 from ..data import Split, digits, subset
 from ..models import cnn
 from ..report import Claim, mean_std, pyplot
-from ..stats import mean_interval, paired_interval
+from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, evaluate, fit
 from . import Experiment
 from .common import effects_figure, save
 
 GAIN_MIN = 1.0  # points: the smallest AdaBN gain over source-only that counts as an improvement
 CONTROL = "inversion"
+CONTROL_MARGIN = 2.0  # points: the negative control holds when AdaBN changes its accuracy by less than this
 
 
 def _contrast(x: Tensor, g: torch.Generator) -> Tensor:
@@ -92,9 +96,10 @@ def _raw(ctx: Context) -> Split:
 
 def seeds(ctx: Context) -> int:
     """Paired repetitions: one source model per seed."""
-    # A seed costs about 1.5 core-seconds; 30 seeds narrow the intervals to about ±0.8 point on the
-    # noise shift, where 10 seeds left the gain (+1.9 [+0.6, +3.2]) straddling the minimum effect.
-    return ctx.pick(2, 30, 60)
+    # A seed costs about 1.4 core-seconds. With 10 seeds the noise shift's gain (+1.9 [+0.6, +3.2]) straddled
+    # the minimum effect and its verdict changed with the base seed; with 30 the affine shift's low end
+    # (+1.3) still lay within reach of it: 60 seeds narrow the intervals to about ±1.1 points there.
+    return ctx.pick(2, 60, 120)
 
 
 def job(ctx: Context, s: int) -> dict[str, Any]:
@@ -148,6 +153,7 @@ def collect(ctx: Context, outputs: list[dict[str, Any]]) -> dict[str, Any]:
         "adapt": f"normlab.adapt(mode={MODE!r}) on the target's unlabeled training images",
         "gain_min_points": GAIN_MIN,
         "negative_control": CONTROL,
+        "control_margin_points": CONTROL_MARGIN,
     }
     return {
         "settings": settings,
@@ -167,26 +173,36 @@ def collect(ctx: Context, outputs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _gain(acc: dict[str, list[float]]) -> Interval:
+    return paired_interval(acc["AdaBN"], acc["source-only"])
+
+
 def claims(results: dict[str, Any]) -> list[Claim]:
-    """One claim per shift: AdaBN's paired gain over source-only exceeds GAIN_MIN (inversion: the control)."""
+    """Per shift: AdaBN's paired gain over source-only exceeds GAIN_MIN (the control: lies within ±CONTROL_MARGIN)."""
     out = []
     for name, acc in results["accuracy"].items():
-        control = name == CONTROL
-        c = Claim(
-            f"AdaBN: {name} (control)" if control else f"AdaBN: {name}",
-            f"On digits under the '{name}' shift ({SHIFT_NOTES.get(name, name)}), AdaBN (target statistics, same "
-            f"weights) raises target test accuracy over the source-only model by more than {GAIN_MIN:g} points."
-            + (
-                " Negative control: a sign inversion cannot be undone by re-estimated per-channel statistics, "
-                "so the expected verdict is NOT REPRODUCED; REPRODUCED here would question the setup."
-                if control
-                else ""
-            ),
-        )
-        if acc.get("AdaBN") and acc.get("source-only"):
-            c.greater("AdaBN - source-only accuracy", paired_interval(acc["AdaBN"], acc["source-only"]), GAIN_MIN)
+        shift = f"On digits under the '{name}' shift ({SHIFT_NOTES.get(name, name)})"
+        if name == CONTROL:
+            c = Claim(
+                f"AdaBN: {name} (control)",
+                f"{shift}, a negative control: re-estimated per-channel statistics cannot undo a sign inversion, so "
+                f"AdaBN changes target test accuracy by less than {CONTROL_MARGIN:g} points either way. REPRODUCED: "
+                "the control behaved as expected; a gain beyond the margin would question the setup.",
+            )
         else:
+            c = Claim(
+                f"AdaBN: {name}",
+                f"{shift}, AdaBN (target statistics, same weights) raises target test accuracy over the "
+                f"source-only model by more than {GAIN_MIN:g} point (Li et al. 2017).",
+            )
+        if not (acc.get("AdaBN") and acc.get("source-only")):
             c.missing.append("AdaBN was not run")
+        elif name == CONTROL:
+            c.equivalent(
+                "AdaBN - source-only accuracy", paired_interval(acc["AdaBN"], acc["source-only"]), CONTROL_MARGIN
+            )
+        else:
+            c.greater("AdaBN - source-only accuracy", paired_interval(acc["AdaBN"], acc["source-only"]), GAIN_MIN)
         out.append(c)
     return out
 
@@ -222,7 +238,8 @@ def table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 def plot(results: dict[str, Any], out: Path) -> list[str]:
     """The paired AdaBN gain per shift with its interval, and the per-layer statistic shift (mean over seeds)."""
-    title = f"domain-shift: AdaBN gain over source-only, paired, 95 % intervals (dashed: min. effect {GAIN_MIN:g})"
+    title = "domain-shift: AdaBN gain over source-only, paired, 95 % intervals"
+    title += f" (dashed: min. effect {GAIN_MIN:g}; band: control's ±{CONTROL_MARGIN:g})"
     pngs = [save(effects_figure(claims(results), title), out, "domain_shift_effects.png")]
     fig, ax2 = pyplot().subplots(figsize=(8, 4.2))
     for i, name in enumerate(results["shift"]):
