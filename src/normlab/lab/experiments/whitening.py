@@ -382,7 +382,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
                 alpha=0.2,
             )
     ax1.set_yscale("log")
-    ax1.set_ylabel("training loss (window mean over seeds, log scale)")
+    ax1.set_ylabel("training loss, mean over seeds (log)")
     ax1.set_title("training loss at each variant's chosen rate")
     ax2.set_ylabel("log10 condition number (95 % band)")
     ax2.set_title("conditioning of the next layer's input")
