@@ -443,10 +443,10 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
             ax.plot(x, [row[k] for row in p], marker=".", color=f"C{k}", label=f"{round(100 * q)}th percentile")
         ax.axvspan(x[-1] // 10, x[-1], color="0.9", zorder=0, label="span of the drift")
         ax.set_xlabel("step")
-        ax.set_title(f"{m}: sigmoid input of unit 0, last hidden layer (seed 0)")
+        ax.set_title(f"{m}: sigmoid input of unit 0, last hidden layer (repetition 0)")
         ax.set_ylabel("sigmoid input")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=4, frameon=False)
+        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     files.append(save(fig, out, "batch_norm_percentiles.png"))
 
     checked = [c for c in claims(results) if c.effects]
