@@ -1,4 +1,9 @@
-"""BatchRenorm against torch's BatchNorm (targets: <= 1.15x time, <= 1.1x peak memory)."""
+"""BatchRenorm against torch's BatchNorm (targets: <= 1.15x time, <= 1.1x peak memory).
+
+The (N, C) = 512x1024 row has no time target: the earlier one (issue 2) is replaced by the whole-model
+target of ``cases_model.py`` (a step at that size is about 0.25 ms, where a fixed per-step cost of a few
+tens of microseconds shows as a ratio).
+"""
 
 from __future__ import annotations
 
@@ -21,5 +26,6 @@ def _brn(shape: tuple[int, ...]):
 
 
 CASES = [
-    Case("BatchRenorm", "brn", s, _brn(s), lambda s=s: norm_step(native_bn(s), s), 1.15, 1.1) for s in SHAPES
+    Case("BatchRenorm", "brn", s, _brn(s), lambda s=s: norm_step(native_bn(s), s), None if len(s) == 2 else 1.15, 1.1)
+    for s in SHAPES
 ]

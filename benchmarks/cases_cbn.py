@@ -1,6 +1,7 @@
 """CrossIterationBatchNorm: a conv3x3 + CBN training step against conv3x3 + torch's BatchNorm.
 
-Target: <= 1.4x time past the burn-in (the window full). The same run also times an
+Target: the conv3x3+cbn rows (past the burn-in, the window full) within the floor row's ratio + 0.05
+(read from the table; the earlier fixed target of 1.4x, issue 4, is replaced by it). The same run also times an
 official-style step (the derivatives of mu and nu by two extra ``autograd.grad`` passes per step,
 the window in Python lists), written here from the paper's algorithm as the point of comparison,
 and a "floor" step: conv3x3 + BatchNorm plus only the closed-form derivatives dmu/dW and dnu/dW
@@ -119,7 +120,7 @@ def _baseline() -> Step:
 
 CASES = [
     *(
-        Case("CrossIterationBatchNorm", f"conv3x3+cbn window={k}", SHAPE, _cbn(k), _baseline, 1.4,
+        Case("CrossIterationBatchNorm", f"conv3x3+cbn window={k}", SHAPE, _cbn(k), _baseline,
              baseline_label="conv3x3+BatchNorm")
         for k in WINDOWS
     ),

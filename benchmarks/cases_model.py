@@ -5,7 +5,10 @@ kind converted from the same model against the model with torch's BatchNorm, in 
 
 The label carries the state dict's size against BatchNorm's (what a checkpoint costs). Targets (time):
 brn and mobn <= 1.05x, dbn (group size 16) <= 1.3x, cbn (window 8) <= 1.5x, ghost and bkn <= 1.1x (ghost
-batches and micro-batches of 4 in the ResNet's batch of 16, of 32 in the MLP's 512).
+batches and micro-batches of 4 in the ResNet's batch of 16, of 32 in the MLP's 512). A "floor of cbn" row
+times the BatchNorm model plus the one computation every exact CBN step adds to it (the derivatives of
+each normalized input's statistics with respect to its producer's weights), so that the cbn row can be
+read against what is unavoidable.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 import normlab
+from normlab.cross_iteration import COMPENSATED, producer_derivatives
 
 from harness import Case, Step
 
@@ -132,7 +136,33 @@ def _cases(name: str, build, shape: tuple[int, ...]) -> list[Case]:
                 baseline_label="BatchNorm (whole model)",
             )
         )
+    cases.append(
+        Case(
+            f"model: {name}",
+            "floor of cbn: BatchNorm + dmu/dW, dnu/dW",
+            shape,
+            lambda: _train_step(_with_derivatives(build()), shape),
+            lambda: _train_step(copy.deepcopy(build()), shape),
+            baseline_label="BatchNorm (whole model)",
+        )
+    )
     return cases
+
+
+def _with_derivatives(model: nn.Module) -> nn.Module:
+    """The BatchNorm model computing, in each training step, what any exact CBN step must add to it: the
+    closed-form derivatives of each BatchNorm input's mean and mean square with respect to the weights of
+    the layer that produced it (one weight gradient of that layer per step). No window, no pooling."""
+    producers = [m for m in model.modules() if isinstance(m, COMPENSATED)][:-1]  # not the classifier
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if module.training:
+            count = torch.tensor(float(out.numel() // out.size(1)))
+            producer_derivatives(module, args[0].detach(), out.detach(), count)
+
+    for producer in producers:
+        producer.register_forward_hook(hook)
+    return model
 
 
 CASES = [*_cases("resnet18", resnet18, RESNET_INPUT), *_cases("mlp4", mlp, MLP_INPUT)]

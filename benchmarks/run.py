@@ -1,5 +1,9 @@
 """Run the benchmarks: ``python benchmarks/run.py [--only NAME ...] [--repeats N] [--markdown FILE] [--keep-memory]``.
 
+``--only`` names case files (``cases_NAME.py``): brn, cbn, dbn, wn, model (whole models, eager) and
+model_compiled (the same models under ``torch.compile``; run only when named, since compiling them
+takes minutes). Without it, every case file but model_compiled runs.
+
 Every case compares a normlab layer with torch's native BatchNorm on the same shape in the same
 run, and prints the time and peak-memory ratios with their targets.
 
@@ -55,7 +59,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="*", default=None, help="case files to run, e.g. brn dbn cbn")
+    p.add_argument("--only", nargs="*", default=None, help="case files to run, e.g. brn dbn cbn model model_compiled")
     p.add_argument("--repeats", type=int, default=15, help="timed repetitions per case (median taken)")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
     p.add_argument("--keep-memory", action="store_true", help="rerun with glibc's heap trimming off (see above)")
@@ -72,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"unknown case files {unknown}; known: {names}")
         names = [n for n in names if n in args.only]
+    modules = [importlib.import_module(f"cases_{name}") for name in names]
+    if not args.only:
+        # A case file with DEFAULT = False (say, one that compiles models for minutes) runs only when named.
+        modules = [m for m in modules if getattr(m, "DEFAULT", True)]
     results = []
-    for name in names:
-        for case in importlib.import_module(f"cases_{name}").CASES:
+    for module in modules:
+        for case in module.CASES:
             r = run_case(case, args.repeats)
             print(
                 f"{case.group:>24} {case.label:>22} {'x'.join(map(str, case.shape)):>16}  "
