@@ -131,3 +131,13 @@ def test_half_inputs_and_parameter_only_gradients(dtype):
     (gw,) = torch.autograd.grad(y.float().square().sum(), layer.weight)  # no input gradient asked for
     (gw_ref,) = torch.autograd.grad(ref.square().sum(), layer.weight)
     torch.testing.assert_close(gw, gw_ref, atol=0.5, rtol=2e-2)
+
+
+def test_parameter_only_gradients():
+    torch.manual_seed(7)
+    layer = normlab.GhostBatchNorm(4, virtual_batch_size=3, dtype=D)
+    x = torch.randn(8, 4, 3, 3, dtype=D)  # no input gradient asked for
+    ref = torch.cat([nn.functional.batch_norm(c, None, None, layer.weight, layer.bias, True) for c in x.split(3)])
+    got = torch.autograd.grad(layer(x).square().sum(), (layer.weight, layer.bias))
+    for a, e in zip(got, torch.autograd.grad(ref.square().sum(), (layer.weight, layer.bias))):
+        torch.testing.assert_close(a, e)

@@ -393,16 +393,37 @@ def test_compiled_chain_matches_eager():
     compiled_matches_eager(_layer(4, p=0.5, micro_batch=2).float(), (6, 4, 3, 3), ("running_mean", "running_var"))
 
 
-@pytest.mark.parametrize("shape,sizes", [((12, 6), [4, 4, 4]), ((5, 8, 3, 3), [2, 2, 1]), ((4, 6, 2, 3), [4])])
-def test_steps_pass_torch_opcheck(shape, sizes):
-    from normlab.kalman import _AFFINE, _MOMENTS
+@pytest.mark.parametrize("prior_shape", [None, (3,), (3, 3)])
+@pytest.mark.parametrize("shape", [(5, 3, 2, 2), (7, 3)])
+def test_hand_written_backward_matches_the_composite(shape, prior_shape):
+    from normlab.kalman import _composite, _KalmanStep
 
-    torch.manual_seed(11)
-    x = torch.randn(shape, requires_grad=True)
-    g, c = len(sizes), shape[1]
-    torch.library.opcheck(_MOMENTS._op, (x, None, None, sizes))
-    scale, shift = torch.rand(g, c, requires_grad=True) + 0.5, torch.randn(g, c, requires_grad=True)
-    torch.library.opcheck(_AFFINE._op, (x, scale, shift, sizes))
+    torch.manual_seed(13)
+    x = torch.randn(shape, dtype=D, requires_grad=True)
+    w, b = torch.rand(3, dtype=D, requires_grad=True), torch.randn(3, dtype=D, requires_grad=True)
+    prior = (None, None)
+    if prior_shape is not None:
+        prior = (
+            torch.randn(prior_shape, dtype=D, requires_grad=True),
+            torch.rand(prior_shape, dtype=D).add(0.5).requires_grad_(),
+        )
+    settings = ((2, 2, 1) if shape[0] == 5 else (3, 3, 1), 0.7, 1e-5, None)
+    got = _KalmanStep.apply(x, w, b, *prior, settings)
+    want = _composite(x, w, b, *prior, settings)
+    inputs = [t for t in (x, w, b, *prior) if t is not None]
+    grads = [torch.randn_like(t) for t in want]
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    for a, e in zip(
+        torch.autograd.grad(got, inputs, grads), torch.autograd.grad(want, inputs, grads, retain_graph=True)
+    ):
+        torch.testing.assert_close(a, e)
+    # only the posterior used (the next layer's prediction), and fresh outputs for in-place ops
+    y, mean, var = _KalmanStep.apply(x, w, b, *prior, settings)
+    (gx,) = torch.autograd.grad(mean.sum() + var.sum(), x)
+    torch.testing.assert_close(gx, torch.autograd.grad(sum(t.sum() for t in want[1:]), x)[0])
+    y.relu_()
+    mean.add_(1)
 
 
 def test_sum_rule_for_independent_branches():

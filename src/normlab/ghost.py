@@ -37,8 +37,10 @@ from .kernels import (
     check_micro_batches,
     ema_steps,
     in_format_of,
+    micro_batch_affine,
     micro_batch_norm,
     micro_batch_sizes,
+    micro_batch_stats,
     micro_batch_steps,
     params_in,
     stat_dtype,
@@ -149,36 +151,19 @@ def micro_batch_step(
 
 
 # ----------------------------------------------------------------------------------- kernels
-# torch's batch-norm kernels per micro-batch, written into slices of one output (``.out`` variants):
-# the forward keeps each micro-batch's mean and 1/std (for the backward) and its unbiased variance
-# (scratch running buffers at momentum 1, as micro_batch_norm); the backward writes each
-# micro-batch's input gradient into its slice and sums the parameter gradients.
+# Each ghost batch's statistics from the two-pass kernel (kernels.channel_stats, faster on CPU than the
+# statistics pass of torch's training kernel), its normalization by torch's inference kernel into a
+# slice of one output (kernels.micro_batch_affine), and torch's training backward per ghost batch into
+# slices of one input gradient: no joining copies forward or backward.
 def _step_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    sdt = stat_dtype(x)
-    weight, bias = params_in(sdt, weight, bias)
-    y = torch.empty_like(x)
-    g, c = len(sizes), x.size(1)
-    running = x.new_zeros((2, g, c), dtype=sdt)
-    saved = x.new_empty((2, g, c), dtype=sdt)
-    for k, (xc, yc) in enumerate(zip(x.split(sizes), y.split(sizes))):
-        torch.ops.aten.native_batch_norm.out(
-            xc,
-            weight,
-            bias,
-            running[0, k],
-            running[1, k],
-            True,
-            1.0,
-            eps,
-            out=yc,
-            save_mean=saved[0, k],
-            save_invstd=saved[1, k],
-        )
-    per_sample = x[0].numel() // max(c, 1)
-    m = torch.tensor([s * per_sample for s in sizes], dtype=sdt, device=x.device).unsqueeze(-1)
-    return y, saved[0].clone(), running[1] * ((m - 1) / m), saved[1].clone()
+    weight, bias = params_in(stat_dtype(x), weight, bias)
+    mean, var = micro_batch_stats(x, sizes)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else invstd * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return micro_batch_affine(x, sizes, scale, shift, out=torch.empty_like(x)), mean, var, invstd
 
 
 def _step_fake(
@@ -200,24 +185,15 @@ def _step_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, T
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     g = in_format_of(grad_y, x)
     gx = torch.empty_like(x) if need_x else None
-    gx_parts = gx.split(ctx.sizes) if need_x else [torch.empty(0, dtype=x.dtype)] * len(ctx.sizes)
     sums = mean.new_empty((2, *mean.shape))
     for k, (gc, xc) in enumerate(zip(g.split(ctx.sizes), x.split(ctx.sizes))):
-        torch.ops.aten.native_batch_norm_backward.out(
-            gc,
-            xc,
-            w,
-            None,
-            None,
-            mean[k],
-            invstd[k],
-            True,
-            ctx.eps,
-            [need_x, True, True],
-            out0=gx_parts[k],
-            out1=sums[0, k],
-            out2=sums[1, k],
-        )
+        args = (gc, xc, w, None, None, mean[k], invstd[k], True, ctx.eps)
+        if gx is None:  # (the .out form takes no output it is told not to compute)
+            _, sums[0, k], sums[1, k] = torch.ops.aten.native_batch_norm_backward(*args, [False, True, True])
+        else:
+            torch.ops.aten.native_batch_norm_backward.out(
+                *args, [True, True, True], out0=gx.split(ctx.sizes)[k], out1=sums[0, k], out2=sums[1, k]
+            )
     gw = sums[0].sum(0).to(ctx.param_dtype) if need_w else None
     gb = sums[1].sum(0).to(ctx.param_dtype) if need_b else None
     return gx, gw, gb

@@ -65,14 +65,15 @@ from torch import Tensor, nn
 
 from .base import BatchStats, NormBase
 from .checks import check_input, check_positive_int, layer_name
-from .dispatch import FusedStep
+from .ghost import micro_batch_step
 from .kernels import (
-    channel_stats,
     check_micro_batches,
     ema_steps,
     in_format_of,
-    micro_batch_norm,
+    micro_batch_affine,
+    micro_batch_moments,
     micro_batch_sizes,
+    micro_batch_stats,
     micro_batch_steps,
     params_in,
     stat_dtype,
@@ -378,11 +379,12 @@ def predict(mean: Tensor, var: Tensor, layer: nn.Module, activation: str = "relu
     with torch.autocast(mean.device.type, enabled=False):
         if isinstance(layer, nn.Linear):
             mu = mean @ weight.t()
-            v = var @ weight.square().t()
+            v = var @ (weight * weight).t()
         elif isinstance(layer, TRANSITIONS):
             g = layer.groups
-            w1 = weight.flatten(2).sum(-1)  # (C_out, C_in / g): the taps summed
-            w2 = weight.square().flatten(2).sum(-1)
+            taps = weight.flatten(2)
+            w1 = taps.sum(-1)  # (C_out, C_in / g): the taps summed
+            w2 = torch.linalg.vecdot(taps, taps)  # their squares summed, without a weight-sized temporary
             if g == 1:
                 mu, v = mean @ w1.t(), var @ w2.t()
             else:
@@ -425,175 +427,179 @@ def _kalman_step(
     differentiable: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize each micro-batch of ``x`` with its posterior; return ``y``, the ``(G, C)`` posterior
-    mean and biased variance (with their graph), and the value counts ``(G,)``.
+    mean and biased variance (differentiable), and the value counts ``(G,)``.
 
-    Without a prediction (or with ``p = 0``) and when no later layer predicts from this one
-    (``differentiable`` off), the posterior is the observation: torch's batch-norm kernel per
-    micro-batch (:func:`normlab.kernels.micro_batch_norm`), exactly ghost BN. Otherwise the
-    observation's moments (:data:`_MOMENTS`) and the normalization as one scale and shift per
-    (group, channel) (:data:`_AFFINE`), each with its own backward, and the posterior between them
-    in differentiable ops on ``(G, C)`` tensors.
+    Without a prediction (or with ``p = 0``), when no later layer predicts from this one
+    (``differentiable`` off), the posterior is the observation: ghost BN's step
+    (:func:`normlab.ghost.micro_batch_step`). Otherwise :class:`_KalmanStep`, or under
+    ``torch.compile`` its composite (:func:`_composite`), which the compiler fuses itself.
     """
     sdt = stat_dtype(x)
     per_sample = x[0].numel() // max(x.size(1), 1)
     count = torch.tensor([s * per_sample for s in sizes], dtype=sdt, device=x.device)
-    grad = torch.is_grad_enabled() and (x.requires_grad or (prediction is not None and p != 0.0))
-    if (prediction is None or p == 0.0) and not (differentiable and grad):
-        y, mean, var, _ = micro_batch_norm(x, sizes[0] if len(sizes) > 1 else None, weight, bias, eps)
-        return y, mean, var, count
-    stats = _MOMENTS(x, None, None, sizes)[0]
-    mean, var = stats[0], stats[1]
-    if prediction is not None and p != 0.0:
-        mean_o, var_o = mean, var
-        mu_p, var_p = (t.to(sdt).expand_as(mean_o) for t in prediction)
-        mean, var = kalman_update((mean_o, var_o), (mu_p, var_p), p)
-        if max_ratio is not None:  # the authors' guard: one decision for the layer, without a host sync
-            keep = (var_p / var_o).mean() < max_ratio
-            mean, var = torch.where(keep, mean, mean_o), torch.where(keep, var, var_o)
-    weight, bias = params_in(sdt, weight, bias)
+    if prediction is None or p == 0.0:
+        prediction, p = None, 0.0
+        if not (differentiable and torch.is_grad_enabled() and x.requires_grad):
+            y, mean, var, _ = micro_batch_step(x, sizes[0] if len(sizes) > 1 else None, weight, bias, eps)
+            return y, mean, var, count
+    mu_p, var_p = (None, None) if prediction is None else prediction
+    settings = (tuple(sizes), float(p), float(eps), max_ratio)
+    if torch.compiler.is_compiling():
+        y, mean, var = _composite(x, weight, bias, mu_p, var_p, settings)
+    else:
+        y, mean, var = _KalmanStep.apply(x, weight, bias, mu_p, var_p, settings)
+    return y, mean, var, count
+
+
+def _posterior(
+    mean_o: Tensor, var_o: Tensor, mu_p: Tensor | None, var_p: Tensor | None, p: float, max_ratio: float | None
+) -> tuple[Tensor, Tensor, Tensor | float]:
+    """The posterior from the observation and the prediction, and the gain used (0 where the guard chose
+    the observation: a tensor then, so that the choice needs no host synchronization)."""
+    if mu_p is None or p == 0.0:
+        return mean_o, var_o, 0.0
+    mu_p, var_p = mu_p.to(mean_o.dtype).expand_as(mean_o), var_p.to(mean_o.dtype).expand_as(mean_o)
+    gain: Tensor | float = p
+    if max_ratio is not None:  # the authors' guard: one decision for the layer
+        gain = torch.where((var_p / var_o).mean() < max_ratio, p, 0.0).to(mean_o.dtype)
+    mean, var = kalman_update((mean_o, var_o), (mu_p, var_p), gain)
+    return mean, var, gain
+
+
+def _scale_shift(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Estimate:
+    """The normalization ``y = A x + B`` of each (group, channel): ``A = gamma / sqrt(var + eps)``."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
     shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
-    return _AFFINE(x, scale, shift, sizes)[0], mean, var, count
+    return scale, shift if bias is None else shift + bias
 
 
-def _group_parts(x: Tensor, sizes: list[int]) -> list[Tensor]:
-    """``x`` as at most two views ``(groups, size, C, *)``: the equal micro-batches, then the remainder."""
-    full = sizes[0]
-    equal = sum(1 for s in sizes if s == full)
-    parts = [x[: equal * full].unflatten(0, (equal, full))]
-    if equal < len(sizes):
-        parts.append(x[equal * full :].unsqueeze(0))
-    return parts
+def _composite(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, mu_p: Tensor | None, var_p: Tensor | None, settings: tuple
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The step in differentiable torch ops: ``(y, posterior mean, posterior variance)``."""
+    sizes, p, eps, max_ratio = settings
+    mean_o, var_o = micro_batch_moments(x, sizes)
+    mean, var, _ = _posterior(mean_o, var_o, mu_p, var_p, p, max_ratio)
+    weight, bias = params_in(mean.dtype, weight, bias)
+    scale, shift = _scale_shift(mean, var, weight, bias, eps)
+    return micro_batch_affine(x, sizes, scale, shift), mean, var
 
 
-def _group_affine(x: Tensor, sizes: list[int], scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
-    """``x * scale + shift`` with the ``(G, C)`` coefficients of each sample's micro-batch.
+class _KalmanStep(torch.autograd.Function):
+    """The step with its own backward: ``(x, gamma, beta, mu_pred, var_pred) -> (y, mu, var)``, all three
+    outputs differentiable (the posterior feeds the next layer's prediction).
 
-    With ``out`` (shaped and laid out as ``x``) written there; else in differentiable ops.
+    Forward: torch's statistics kernel per micro-batch (:func:`normlab.kernels.channel_stats`), the
+    posterior on ``(G, C)`` tensors, and ``y = A x + B`` in one multiply-add into a fresh output.
+    Backward, with ``S = sum dL/dy x`` and ``T = sum dL/dy`` per (group, channel) from torch's
+    batch-norm inference backward (mean 0, variance 1, eps 0; one reading pass per micro-batch)::
+
+        dL/dgamma = r (S - mu T),  dL/dbeta = T,  dL/dmu += -A T,  dL/dvar += -r^3 gamma (S - mu T) / 2
+        dL/dmu_obs  = q dL/dmu + 2 p q (mu_obs - mu_pred) dL/dvar,   dL/dvar_obs  = q dL/dvar
+        dL/dmu_pred = p dL/dmu - 2 p q (mu_obs - mu_pred) dL/dvar,   dL/dvar_pred = p dL/dvar
+        dL/dx = dL/dy A + dL/dmu_obs / m + dL/dvar_obs 2 (x - mu_obs) / m
+
+    (``r = 1/sqrt(var + eps)``, ``q = 1 - p``), the last in two multiply-adds. Second derivatives
+    recompute the step through :func:`_composite`.
     """
-    outs, start = [], 0
-    targets = _group_parts(out, sizes) if out is not None else None
-    for k, part in enumerate(_group_parts(x, sizes)):
-        g = part.size(0)
-        shape = (g, 1, part.size(2)) + (1,) * (part.dim() - 3)
-        a, b = scale[start : start + g].reshape(shape), shift[start : start + g].reshape(shape)
-        if targets is None:
-            outs.append(torch.addcmul(b.to(part.dtype), part, a.to(part.dtype)).flatten(0, 1))
-        else:
-            torch.addcmul(b.to(out.dtype), part.to(out.dtype), a.to(out.dtype), out=targets[k])
-        start += g
-    if targets is not None:
-        return out
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mu_p, var_p, settings):  # noqa: ANN001, ANN205
+        sizes, p, eps, max_ratio = settings
+        with torch.no_grad():
+            mean_o, var_o = micro_batch_stats(x, sizes)
+            mean, var, gain = _posterior(mean_o, var_o, mu_p, var_p, p, max_ratio)
+            w, b = params_in(mean.dtype, weight, bias)
+            scale, shift = _scale_shift(mean, var, w, b, eps)
+            y = micro_batch_affine(x, sizes, scale, shift, out=torch.empty_like(x))
+        ctx.settings, ctx.gain = settings, gain
+        ctx.save_for_backward(x, w, mean_o, mean, var, scale, mu_p)
+        ctx.inputs = (x, weight, bias, mu_p, var_p)
+        ctx.versions = tuple(None if t is None else t._version for t in ctx.inputs)
+        ctx.param_dtype = None if weight is None else weight.dtype
+        ctx.set_materialize_grads(False)
+        # Fresh outputs: the posterior tensors are returned as copies where they are the observation's.
+        observed = isinstance(gain, float) and gain == 0.0
+        return y, mean.clone() if observed else mean, var.clone() if observed else var
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_var):  # noqa: ANN001, ANN205
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite
+            return _composite_backward(ctx, grad_y, grad_mean, grad_var)
+        x, w, mean_o, mean, var, scale, mu_p = ctx.saved_tensors
+        sizes, p, eps, _ = ctx.settings
+        gain = ctx.gain
+        need = ctx.needs_input_grad
+        r = torch.rsqrt(var + eps)
+        g_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.to(mean.dtype)
+        g_var = torch.zeros_like(var) if grad_var is None else grad_var.to(var.dtype)
+        g_w = g_b = None
+        g = None
+        if grad_y is not None:
+            g = in_format_of(grad_y, x)
+            zero = torch.zeros(x.size(1), dtype=mean.dtype, device=x.device)
+            one = torch.ones_like(zero)
+            sums = [
+                torch.ops.aten.native_batch_norm_backward(
+                    gc, xc, None, zero, one, None, None, False, 0.0, [False, True, True]
+                )
+                for gc, xc in zip(g.split(list(sizes)), x.split(list(sizes)))
+            ]
+            s_x = torch.stack([t[1] for t in sums])  # sum dL/dy x
+            s_1 = torch.stack([t[2] for t in sums])  # sum dL/dy
+            centred = s_x - mean * s_1  # sum dL/dy (x - mu)
+            if need[1] and w is not None:
+                g_w = (r * centred).sum(0).to(ctx.param_dtype)
+            if need[2]:
+                g_b = s_1.sum(0).to(ctx.param_dtype)
+            gamma = r if w is None else r * w  # (= A)
+            g_mean = g_mean - scale * s_1
+            g_var = g_var - 0.5 * r * r * gamma * centred
+        q = 1 - gain
+        g_mu_o, g_var_o = q * g_mean, q * g_var
+        g_mu_p = g_var_p = None
+        if mu_p is not None and not (isinstance(gain, float) and gain == 0.0):
+            cross = 2 * gain * q * (mean_o - mu_p.to(mean_o.dtype)) * g_var
+            g_mu_o = g_mu_o + cross
+            if need[3]:
+                g_mu_p = _unexpand(gain * g_mean - cross, ctx.inputs[3])
+            if need[4]:
+                g_var_p = _unexpand(gain * g_var, ctx.inputs[4])
+        g_x = None
+        if need[0]:
+            per_sample = x[0].numel() // max(x.size(1), 1)
+            m = torch.tensor(sizes, dtype=mean.dtype, device=x.device).unsqueeze(-1) * per_sample
+            c1 = 2 * g_var_o / m
+            g_x = micro_batch_affine(x, sizes, c1, g_mu_o / m - c1 * mean_o, out=torch.empty_like(x))
+            if g is not None:
+                shape = (1, -1) + (1,) * (x.dim() - 2)
+                for k, (part, gpart) in enumerate(zip(g_x.split(list(sizes)), g.split(list(sizes)))):
+                    part.addcmul_(gpart, scale[k].reshape(shape).to(part.dtype))
+        return g_x, g_w, g_b, g_mu_p, g_var_p, None
 
 
-def _group_moments(x: Tensor, sizes: list[int]) -> Tensor:
-    """``(2, G, C)``: each micro-batch's mean and biased variance, in differentiable ops."""
-    xs = x.to(stat_dtype(x))
-    means, variances = [], []
-    for part in _group_parts(xs, sizes):
-        v, m = torch.var_mean(part, dim=[1, *range(3, part.dim())], correction=0)
-        means.append(m)
-        variances.append(v)
-    return torch.stack([torch.cat(means), torch.cat(variances)])
+def _unexpand(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` ``(G, C)`` summed to ``like``'s shape (a ``(C,)`` prior was broadcast over the groups)."""
+    return (grad if grad.dim() == like.dim() else grad.sum(0)).to(like.dtype)
 
 
-# The observation's moments: torch's statistics kernel per micro-batch (kernels.channel_stats); the
-# backward is dL/dx = dL/dmu / m + dL/dvar * 2 (x - mu) / m, one multiply-add per micro-batch.
-def _moments_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int]) -> tuple[Tensor]:
-    chunks = x.split(sizes) if len(sizes) > 1 else (x,)
-    stats = [channel_stats(c) for c in chunks]
-    return (torch.stack([torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])]),)
-
-
-def _moments_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, sizes: list[int]) -> tuple[Tensor]:
-    return (x.new_empty((2, len(sizes), x.size(1)), dtype=stat_dtype(x)),)
-
-
-def _moments_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest: tuple, outputs) -> None:  # noqa: ANN001
-    ctx.save_for_backward(x, outputs[0])
-    ctx.sizes = list(rest[0])
-
-
-def _moments_backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # noqa: ANN001
-    x, stats = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
-        return None, None, None
-    per_sample = x[0].numel() // max(x.size(1), 1)
-    m = torch.tensor([s * per_sample for s in ctx.sizes], dtype=stats.dtype, device=x.device).unsqueeze(-1)
-    c1 = 2 * grad[1] / m
-    c0 = grad[0] / m - c1 * stats[0]
-    return _group_affine(x, ctx.sizes, c1, c0, out=torch.empty_like(x)), None, None
-
-
-def _moments_composite(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:  # noqa: ANN001
-    return _group_moments(x, ctx.sizes)
-
-
-_MOMENTS = FusedStep(
-    "normlab::kalman_moments",
-    _moments_forward,
-    _moments_setup,
-    _moments_backward,
-    _moments_fake,
-    layer="BatchKalmanNorm",
-    composite=_moments_composite,
-)
-
-
-# The normalization with the posterior, y = x * A + B per (micro-batch, channel): one multiply-add
-# forward; backward dL/dx = dL/dy * A in one pass, and dL/dA = sum dL/dy x, dL/dB = sum dL/dy from
-# torch's batch-norm inference backward (mean 0, variance 1, eps 0), one reading pass per micro-batch.
-#
-# The op returns an empty second tensor: torch.compile does not functionalize a custom op's
-# one-tensor tuple, and an in-place op on its output (a residual ``out += identity``) then fails.
-def _affine_forward(x: Tensor, scale: Tensor, shift: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
-    return _group_affine(x, sizes, scale, shift, out=torch.empty_like(x)), x.new_empty(0)
-
-
-def _affine_fake(x: Tensor, scale: Tensor, shift: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x), x.new_empty(0)
-
-
-def _affine_setup(ctx, x: Tensor, scale: Tensor, shift: Tensor, rest: tuple, outputs) -> None:  # noqa: ANN001
-    ctx.save_for_backward(x, scale)
-    ctx.sizes = list(rest[0])
-
-
-def _affine_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
-    x, scale = ctx.saved_tensors
-    need_x, need_a, need_b = ctx.needs_input_grad[:3]
-    g = in_format_of(grad_y, x)
-    gx = _group_affine(g, ctx.sizes, scale, torch.zeros_like(scale), out=torch.empty_like(x)) if need_x else None
-    ga = gb = None
-    if need_a or need_b:
-        zero = torch.zeros(x.size(1), dtype=scale.dtype, device=x.device)
-        one = torch.ones_like(zero)
-        sums = [
-            torch.ops.aten.native_batch_norm_backward(
-                gc, xc, None, zero, one, None, None, False, 0.0, [False, True, True]
-            )
-            for gc, xc in zip(g.split(ctx.sizes), x.split(ctx.sizes))
-        ]
-        ga = torch.stack([s[1] for s in sums]).to(scale.dtype) if need_a else None
-        gb = torch.stack([s[2] for s in sums]).to(scale.dtype) if need_b else None
-    return gx, ga, gb
-
-
-def _affine_composite(ctx, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:  # noqa: ANN001
-    return _group_affine(x, ctx.sizes, scale, shift)
-
-
-_AFFINE = FusedStep(
-    "normlab::kalman_affine",
-    _affine_forward,
-    _affine_setup,
-    _affine_backward,
-    _affine_fake,
-    layer="BatchKalmanNorm",
-    composite=_affine_composite,
-)
+def _composite_backward(ctx, grad_y, grad_mean, grad_var):  # noqa: ANN001, ANN202
+    inputs = ctx.inputs
+    if any(t is not None and t._version != v for t, v in zip(inputs, ctx.versions)):
+        raise RuntimeError(
+            "BatchKalmanNorm: second derivatives need the step's inputs as they were in the forward, but one "
+            "of them has been modified in place since"
+        )
+    wanted = [(i, t) for i, t in enumerate(inputs) if ctx.needs_input_grad[i] and t is not None]
+    with torch.enable_grad():
+        outs = _composite(*inputs, ctx.settings)
+        pairs = [(o, g) for o, g in zip(outs, (grad_y, grad_mean, grad_var)) if g is not None]
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], [t for _, t in wanted], [g for _, g in pairs], create_graph=True, allow_unused=True
+        )
+    grads: list[Tensor | None] = [None] * 6
+    for (i, _), g in zip(wanted, found):
+        grads[i] = g
+    return tuple(grads)

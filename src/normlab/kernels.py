@@ -38,6 +38,9 @@ __all__ = [
     "params_in",
     "micro_batch_sizes",
     "micro_batch_norm",
+    "micro_batch_stats",
+    "micro_batch_moments",
+    "micro_batch_affine",
     "check_micro_batches",
     "micro_batch_steps",
     "ema_steps",
@@ -391,3 +394,66 @@ def ema_steps(
     for running, values in ((running_mean, mean), (running_var, unbiased)):
         if running is not None:
             running.mul_(keep).add_((weights @ values.to(running.dtype).reshape(g, -1)).to(running.dtype))
+
+
+def micro_batch_stats(x: Tensor, sizes: list[int] | tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Each micro-batch's ``(G, C)`` mean and biased variance (:func:`channel_stats`; no autograd)."""
+    with torch.no_grad():
+        stats = [channel_stats(c) for c in (x.split(list(sizes)) if len(sizes) > 1 else (x,))]
+        return torch.stack([m for m, _ in stats]), torch.stack([v for _, v in stats])
+
+
+def _micro_batch_views(x: Tensor, sizes: list[int] | tuple[int, ...]) -> list[Tensor]:
+    """``x`` as at most two views ``(groups, size, C, *)``: the equal micro-batches, then the remainder."""
+    full = sizes[0]
+    equal = sum(1 for s in sizes if s == full)
+    parts = [x[: equal * full].unflatten(0, (equal, full))]
+    if equal < len(sizes):
+        parts.append(x[equal * full :].unsqueeze(0))
+    return parts
+
+
+def micro_batch_moments(x: Tensor, sizes: list[int] | tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Each micro-batch's ``(G, C)`` mean and biased variance in differentiable ops (statistics' dtype)."""
+    xs = x.to(stat_dtype(x))
+    means, variances = [], []
+    for part in _micro_batch_views(xs, sizes):
+        v, m = torch.var_mean(part, dim=[1, *range(3, part.dim())], correction=0)
+        means.append(m)
+        variances.append(v)
+    return torch.cat(means), torch.cat(variances)
+
+
+def micro_batch_affine(
+    x: Tensor, sizes: list[int] | tuple[int, ...], scale: Tensor, shift: Tensor, out: Tensor | None = None
+) -> Tensor:
+    """``x * scale[k] + shift[k]`` over each micro-batch ``k`` of ``x``, with ``(G, C)`` coefficients.
+
+    With ``out`` (shaped and laid out as ``x``, say fresh from ``empty_like``), written there without
+    autograd: for float spatial inputs with torch's batch-norm inference kernel per micro-batch (mean
+    0, variance 1, eps 0), about twice as fast on CPU as a broadcast multiply-add over the grouped
+    view, which the other cases use. Without ``out``, differentiable ops.
+    """
+    if out is not None and x.dim() > 2 and x.dtype in (torch.float32, torch.float64) and scale.dtype == x.dtype:
+        zero = torch.zeros(x.size(1), dtype=x.dtype, device=x.device)
+        one = torch.ones_like(zero)
+        scratch = torch.empty(0, dtype=x.dtype, device=x.device)
+        for k, (xc, yc) in enumerate(zip(x.split(list(sizes)), out.split(list(sizes)))):
+            torch.ops.aten.native_batch_norm.out(
+                xc, scale[k], shift[k], zero, one, False, 0.0, 0.0, out=yc, save_mean=scratch, save_invstd=scratch
+            )
+        return out
+    outs, start = [], 0
+    targets = _micro_batch_views(out, sizes) if out is not None else None
+    for k, part in enumerate(_micro_batch_views(x, sizes)):
+        g = part.size(0)
+        shape = (g, 1, part.size(2)) + (1,) * (part.dim() - 3)
+        a, b = scale[start : start + g].reshape(shape), shift[start : start + g].reshape(shape)
+        if targets is None:
+            outs.append(torch.addcmul(b.to(part.dtype), part, a.to(part.dtype)).flatten(0, 1))
+        else:
+            torch.addcmul(b.to(out.dtype), part.to(out.dtype), a.to(out.dtype), out=targets[k])
+        start += g
+    if targets is not None:
+        return out
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
