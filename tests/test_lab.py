@@ -255,11 +255,11 @@ def test_every_registered_experiment_is_known() -> None:
 def _small_batch(bn: float, others: float, brn_full: float = 97.0, ghost: float | None = None) -> dict:
     from normlab.lab.experiments import small_batch as sb
 
-    jitter = [0.0, 0.5, -0.5, 0.2, -0.2, 0.4, -0.4, 0.1]  # the same per-seed jitter for every row
+    jitter = [0.0, 0.5, -0.5, 0.2, -0.2, 0.4, -0.4, 0.1] * 2  # the same per-seed jitter for every row
     level = {label: others for label, _, _ in sb.rows()}
     level |= {"BN": bn, sb.FULL_BN: 97.0, sb.FULL_BRN: brn_full, sb.NAIVE_CBN: bn}
     level["ghost"] = bn if ghost is None else ghost
-    cells = {k: {"accuracy": [v + j for j in jitter], "final_train_loss": [0.1] * 8} for k, v in level.items()}
+    cells = {k: {"accuracy": [v + j for j in jitter], "final_train_loss": [0.1] * 16} for k, v in level.items()}
     return {"cells": cells}
 
 
@@ -279,6 +279,17 @@ def test_small_batch_claims_follow_the_numbers() -> None:
     noisy = _small_batch(bn=95.5, others=96.0)
     noisy["cells"]["BN"]["accuracy"] = [95.5, 97.0, 94.0, 96.5, 94.5, 96.0, 95.0, 95.5]
     assert _verdicts("small-batch", noisy)["BN: small-batch drop"] == INCONCLUSIVE
+
+
+def test_small_batch_pairs_rows_over_their_common_seeds() -> None:
+    results = _small_batch(bn=93.0, others=96.0)
+    for label in ("CBN", "naive CBN"):  # 8 seeds: too few for the compensation effect
+        results["cells"][label]["accuracy"] = results["cells"][label]["accuracy"][:8]
+    claims = {c.name: c for c in get("small-batch").claims(results)}
+    assert claims["CBN: compensation matters"].verdict == NOT_CHECKED
+    assert "16" in claims["CBN: compensation matters"].missing[0]
+    cbn = claims["CBN: beats BN at small batch"].effects[0]
+    assert cbn.n == 8 and cbn.verdict == REPRODUCED  # CBN's 8 seeds against BN's first 8
 
 
 def test_small_batch_reports_what_was_not_run() -> None:
