@@ -56,7 +56,7 @@ from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, evaluate, fit
 from . import Experiment
-from .common import grid_optimum, plot_effects, save
+from .common import effects_figure, grid_optimum, save
 
 METHODS = ("none", "BN")
 HIDDEN, DEPTH, BATCH = 100, 3, 60  # the paper's MNIST network and minibatch size
@@ -451,11 +451,13 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
 
     checked = [c for c in claims(results) if c.effects]
     if checked:
-        # One row per claim: each effect on its own scale (steps ratio, input units, grid steps, points).
-        fig, axes = plt.subplots(len(checked), 1, figsize=(8, 1.6 * len(checked) + 0.4), squeeze=False)
-        for ax, c in zip(axes[:, 0], checked):
-            plot_effects(ax, [c], title=f"{c.name}: {c.verdict}")
-        files.append(save(fig, out, "batch_norm_effects.png"))
+        files.append(
+            save(
+                effects_figure(checked, "batch-norm: paired effects over seeds (95 % intervals)"),
+                out,
+                "batch_norm_effects.png",
+            )
+        )
     return files
 
 

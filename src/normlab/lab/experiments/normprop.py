@@ -54,7 +54,7 @@ from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import plot_effects, save
+from .common import effects_figure, save
 
 HIDDEN, DEPTH = 64, 3
 BATCH, LR, BATCH1_LR = 32, 0.05, 0.05 / 32
@@ -361,10 +361,11 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     ax2.set_title("BN minus NormProp c=1.21, per step (95 % interval)")
     files = [save(fig, out, "normprop_zero_mean.png")]
     checked = [c for c in claims(results) if c.effects]
-    fig, axes = plt.subplots(len(checked), 1, figsize=(8, 1.7 * len(checked) + 0.6), squeeze=False)
-    for ax, c in zip(axes[:, 0], checked):
-        plot_effects(ax, [c], title=f"{c.name}: {c.verdict}")
-    files.append(save(fig, out, "normprop_effects.png"))
+    files.append(
+        save(
+            effects_figure(checked, "normprop: paired effects over seeds (95 % intervals)"), out, "normprop_effects.png"
+        )
+    )
     return files
 
 

@@ -52,7 +52,7 @@ from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import grid_optimum, plot_effects, save
+from .common import effects_figure, grid_optimum, save
 
 VARIANTS = ("plain", "WN", "WN + init", "WN + mean-only BN", "BN")
 LRS = (0.001, 0.003, 0.01, 0.03, 0.1)  # Adam rates of every variant, half a decade apart
@@ -314,10 +314,13 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     files = [save(fig, out, "weight_norm_loss.png")]
     checked = [c for c in claims(results) if c.effects]
     if checked:
-        fig, axes = plt.subplots(len(checked), 1, figsize=(8, 1.7 * len(checked) + 0.6), squeeze=False)
-        for ax, c in zip(axes[:, 0], checked):
-            plot_effects(ax, [c], title=f"{c.name}: {c.verdict}")
-        files.append(save(fig, out, "weight_norm_effects.png"))
+        files.append(
+            save(
+                effects_figure(checked, "weight-norm: paired effects over seeds (95 % intervals)"),
+                out,
+                "weight_norm_effects.png",
+            )
+        )
     return files
 
 

@@ -55,7 +55,7 @@ from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import grid_optimum, plot_effects, save
+from .common import effects_figure, grid_optimum, save
 
 HIDDEN, DEPTH, BATCH = 64, 3, 128
 VARIANTS = {  # label: (kind, options)
@@ -393,10 +393,13 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     files = [save(fig, out, "whitening.png")]
     checked = [c for c in claims(results) if c.effects]
     if checked:
-        fig, axes = plt.subplots(len(checked), 1, figsize=(8, 1.6 * len(checked) + 0.6), squeeze=False)
-        for ax, c in zip(axes[:, 0], checked):
-            plot_effects(ax, [c], title=f"{c.name}: {c.verdict}")
-        files.append(save(fig, out, "whitening_effects.png"))
+        files.append(
+            save(
+                effects_figure(checked, "whitening: paired effects over seeds (95 % intervals)"),
+                out,
+                "whitening_effects.png",
+            )
+        )
     return files
 
 
