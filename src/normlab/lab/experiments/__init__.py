@@ -230,7 +230,9 @@ def _write_summary(ctx: Context, summary: list[dict[str, Any]], wall: float, job
         "",
         markdown_table(headers, md_rows),
         "",
-        "## Claims",
+        "Each claim below: its full statement, then each effect: the paired difference over seeds with its 95 % "
+        "interval and what the claim needs (a minimum effect or an equivalence margin fixed in the experiment's "
+        "code).",
         "",
     ]
     for name in dict.fromkeys(s["experiment"] for s in summary):
