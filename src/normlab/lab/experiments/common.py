@@ -6,6 +6,7 @@ Experiment modules import from here (and the :class:`Experiment` registry), neve
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,14 @@ def plot_effects(ax: Any, claims: Sequence[Claim], title: str = "effects (paired
     as a shaded band; the colour is the verdict (green reproduced, red not, grey inconclusive).
     """
     effects = [(c, e) for c in claims for e in c.effects]
+    if not effects:  # nothing measured: say why instead of drawing an empty axis
+        why = "; ".join(m for c in claims for m in c.missing) or "no effect"
+        text = textwrap.fill(f"not checked: {why}", 60)
+        ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title)
+        return
     for row, (_, e) in enumerate(effects):
         y = len(effects) - 1 - row
         color = VERDICT_COLORS.get(e.verdict, "tab:gray")
@@ -104,11 +113,15 @@ def plot_effects(ax: Any, claims: Sequence[Claim], title: str = "effects (paired
         else:
             ax.fill_betweenx([y - 0.4, y + 0.4], -e.threshold, e.threshold, color="tab:blue", alpha=0.12)
     ax.axvline(0.0, color="gray", linewidth=0.8)
-    # One claim per axis (the usual case) is named in the title; the rows then need only the effect.
-    names = [e.description if len(claims) == 1 else f"{c.name}:\n{e.description}" for c, e in reversed(effects)]
-    ax.set_yticks(range(len(effects)), names, fontsize=7)
     units = sorted({e.unit for _, e in effects})
-    ax.set_xlabel(f"paired difference ({', '.join(units)})" if units else "paired difference")
+    unit = f" ({', '.join(units)})" if units else ""
+    if len(effects) == 1:  # one effect (the usual case): the title names the claim, the x label the effect
+        ax.set_yticks([])
+        ax.set_xlabel(f"{effects[0][1].description}{unit}")
+    else:  # one claim per axis is named in its title; the rows then need only the effect
+        names = [e.description if len(claims) == 1 else f"{c.name}:\n{e.description}" for c, e in reversed(effects)]
+        ax.set_yticks(range(len(effects)), names, fontsize=7)
+        ax.set_xlabel(f"paired difference{unit}")
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="x")
 
@@ -118,7 +131,7 @@ def effects_figure(claims: Sequence[Claim], title: str, columns: int = 2) -> Any
     plt = pyplot()
     rows = max(1, math.ceil(len(claims) / columns))
     heights = [max(1, len(c.effects)) for c in claims]
-    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 0.9 + 1.3 * rows * max(heights, default=1)))
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 0.9 + 1.5 * rows * max(heights, default=1)))
     flat = list(axes.flat) if hasattr(axes, "flat") else [axes]
     for ax, c in zip(flat, claims):
         plot_effects(ax, [c], title=f"{c.name}: {c.verdict}")
