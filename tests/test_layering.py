@@ -14,7 +14,17 @@ LAYERS = [
     ["comm", "checks", "kernels", "dispatch", "batches"],
     ["base"],
     ["pairing", "surgery"],
-    ["weight_norm", "batchnorm", "batch_renorm", "mean_only", "decorrelated", "cross_iteration", "ghost", "kalman", "normprop"],
+    [
+        "weight_norm",
+        "batchnorm",
+        "batch_renorm",
+        "mean_only",
+        "decorrelated",
+        "cross_iteration",
+        "ghost",
+        "kalman",
+        "normprop",
+    ],
     ["population", "adabn", "diagnostics", "freezing", "fold", "registry", "distributed"],
     ["statistics", "__init__"],
 ]
