@@ -120,15 +120,33 @@ def _baseline() -> Step:
 
 CASES = [
     *(
-        Case("CrossIterationBatchNorm", f"conv3x3+cbn window={k}", SHAPE, _cbn(k), _baseline,
-             baseline_label="conv3x3+BatchNorm")
+        Case(
+            "CrossIterationBatchNorm",
+            f"conv3x3+cbn window={k}",
+            SHAPE,
+            _cbn(k),
+            _baseline,
+            baseline_label="conv3x3+BatchNorm",
+        )
         for k in WINDOWS
     ),
     *(
-        Case("CrossIterationBatchNorm", f"conv3x3+official-style window={k}", SHAPE, _official(k), _baseline,
-             baseline_label="conv3x3+BatchNorm")
+        Case(
+            "CrossIterationBatchNorm",
+            f"conv3x3+official-style window={k}",
+            SHAPE,
+            _official(k),
+            _baseline,
+            baseline_label="conv3x3+BatchNorm",
+        )
         for k in WINDOWS
     ),
-    Case("CrossIterationBatchNorm", "floor: conv3x3+BatchNorm+dmu/dW,dnu/dW", SHAPE, _floor, _baseline,
-         baseline_label="conv3x3+BatchNorm"),
+    Case(
+        "CrossIterationBatchNorm",
+        "floor: conv3x3+BatchNorm+dmu/dW,dnu/dW",
+        SHAPE,
+        _floor,
+        _baseline,
+        baseline_label="conv3x3+BatchNorm",
+    ),
 ]

@@ -309,9 +309,7 @@ def test_functional_core_has_batch_norm_shape():
     pooled_batch_norm(x, rm, rv, w, b, True, 0.2, past_mean=pm, past_sqmean=ps)
     bn(x)
     torch.testing.assert_close((rm, rv), (bn.running_mean, bn.running_var))
-    torch.testing.assert_close(
-        pooled_batch_norm(x, rm, rv, w, b, False), F.batch_norm(x, rm, rv, w, b, False, eps=EPS)
-    )
+    torch.testing.assert_close(pooled_batch_norm(x, rm, rv, w, b, False), F.batch_norm(x, rm, rv, w, b, False, eps=EPS))
     with pytest.raises(ValueError, match="pooled_batch_norm.*more than 1 value"):
         pooled_batch_norm(x[:1, :, :1], rm, rv, w, b, True)
 

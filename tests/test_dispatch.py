@@ -26,11 +26,26 @@ def _const(v: float) -> torch.Tensor:
 
 
 CASES = {
-    "brn": lambda x, w, b: (BRN, (x, w, b, torch.zeros(x.size(1)), torch.ones(x.size(1)),
-                                  _const(1 / 3), _const(3.0), _const(-5.0), _const(5.0), 1e-5)),
+    "brn": lambda x, w, b: (
+        BRN,
+        (
+            x,
+            w,
+            b,
+            torch.zeros(x.size(1)),
+            torch.ones(x.size(1)),
+            _const(1 / 3),
+            _const(3.0),
+            _const(-5.0),
+            _const(5.0),
+            1e-5,
+        ),
+    ),
     "mobn": lambda x, w, b: (MOBN, (x, w, b)),
-    "cbn": lambda x, w, b: (CBN, (x, w, b, torch.randn(3, x.size(1)) * 0.1, torch.ones(3, x.size(1)),
-                                  torch.tensor([True, False, True]), 1e-5)),
+    "cbn": lambda x, w, b: (
+        CBN,
+        (x, w, b, torch.randn(3, x.size(1)) * 0.1, torch.ones(3, x.size(1)), torch.tensor([True, False, True]), 1e-5),
+    ),
     "dbn-zca": lambda x, w, b: (DBN, (x, w, b, 2, 4, 1e-5, "zca", 5)),
     "dbn-newton": lambda x, w, b: (DBN, (x, w, b, 2, 4, 1e-5, "newton", 3)),
 }

@@ -214,9 +214,7 @@ def batch_renorm(
     if not training:
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
     check_input("batch_renorm", x, running_mean.numel(), process_group is None)
-    y, mean, sigma_b, sigma = _train_step(
-        x, weight, bias, running_mean, running_var, r_max, d_max, eps, process_group
-    )
+    y, mean, sigma_b, sigma = _train_step(x, weight, bias, running_mean, running_var, r_max, d_max, eps, process_group)
     if momentum is not None:
         if isinstance(momentum, Tensor):
             momentum = momentum.to(running_mean.dtype)
@@ -379,8 +377,6 @@ def _step_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, T
     g_weight = torch.addcmul(gb * d, gw, r) if (need_w and ctx.has_weight) else None
     g_bias = gb if (need_b and ctx.has_bias) else None
     return gx if need_x else None, g_weight, g_bias
-
-
 
 
 def _step_composite(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:  # noqa: ANN001

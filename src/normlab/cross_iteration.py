@@ -147,6 +147,7 @@ class CrossIterationBatchNorm(NormBase):
     checkpoint (which has none of these) loads with a fresh window and ``num_steps = 0``; ``attach``
     also resets the window.
     """
+
     @keyword_options(_LEGACY_ORDER, _legacy_order)
     def __init__(
         self,
@@ -349,9 +350,7 @@ class CrossIterationBatchNorm(NormBase):
             )
         past_mean, past_sqmean, valid = self._window_statistics()
         valid = valid & burnt_in
-        y, mean, var, count = _pooled_step(
-            x, self.weight, self.bias, past_mean, past_sqmean, self.eps, group, valid
-        )
+        y, mean, var, count = _pooled_step(x, self.weight, self.bias, past_mean, past_sqmean, self.eps, group, valid)
         sums = None
         if captured is not None:
             dt = self.window_mean.dtype
@@ -378,8 +377,13 @@ class CrossIterationBatchNorm(NormBase):
         bias = None if p.bias is None else p.bias.detach()
         weight = p.weight.detach().reshape(self.num_features, -1)
         mean_t, sqmean_t = _taylor_step(
-            self.window_intercept[0], self.window_intercept[1], mean, self.window_dmean, self.window_dsqmean,
-            weight, bias,
+            self.window_intercept[0],
+            self.window_intercept[1],
+            mean,
+            self.window_dmean,
+            self.window_dsqmean,
+            weight,
+            bias,
         )
         return mean_t, sqmean_t, valid
 
@@ -738,9 +742,7 @@ def _write_slot(buf: Tensor, slot: Tensor, value: Tensor, keep: Tensor) -> None:
     buf.index_copy_(0, slot, torch.where(keep, value, buf.index_select(0, slot)))
 
 
-def _pool(
-    mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor, valid: Tensor
-) -> tuple[Tensor, Tensor]:
+def _pool(mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """``mu_bar`` and ``sigma_bar^2`` of the pooled window from the current batch's mean and biased variance.
 
     ``valid`` (``(n,)`` bool) marks the past rows to pool; the others count as absent.
@@ -885,7 +887,11 @@ def _slot_intercepts(
     ``(C, F)`` and bias ``biases[j]``: ``(n, C)`` each."""
     parts = [
         _intercepts(
-            mean[j : j + 1], sqmean[j : j + 1], dmean[j : j + 1], dsqmean[j : j + 1], weights[j],
+            mean[j : j + 1],
+            sqmean[j : j + 1],
+            dmean[j : j + 1],
+            dsqmean[j : j + 1],
+            weights[j],
             None if biases is None else biases[j],
         )
         for j in range(mean.size(0))

@@ -109,7 +109,15 @@ METHODS = ("zca", "pca", "newton")
 
 
 _LEGACY_ORDER = (
-    "group_size", "method", "eps", "momentum", "affine", "track_running_stats", "iterations", "device", "dtype"
+    "group_size",
+    "method",
+    "eps",
+    "momentum",
+    "affine",
+    "track_running_stats",
+    "iterations",
+    "device",
+    "dtype",
 )
 
 
@@ -208,8 +216,15 @@ class DecorrelatedBatchNorm(NormBase):
                 stacklevel=5,
             )
         y, mean, cov, W, count = _batch_step(
-            x, self.weight, self.bias, self.num_groups, self.padded_group_size, self.eps, self.method,
-            self.iterations, group,
+            x,
+            self.weight,
+            self.bias,
+            self.num_groups,
+            self.padded_group_size,
+            self.eps,
+            self.method,
+            self.iterations,
+            group,
         )
         return y, BatchStats(mean, cov, count, (W,))
 
@@ -217,7 +232,13 @@ class DecorrelatedBatchNorm(NormBase):
         """The running mean, variance (the covariance diagonal) and whitening matrix move towards the batch's."""
         (W,) = stats.extra
         _move_running(
-            self.running_mean, self.running_var, self.running_whitening, stats.mean, stats.var, W, stats.count,
+            self.running_mean,
+            self.running_var,
+            self.running_whitening,
+            stats.mean,
+            stats.var,
+            W,
+            stats.count,
             self.step_factor(),
         )
 
@@ -272,8 +293,13 @@ class DecorrelatedBatchNorm(NormBase):
         Differentiable in ``gamma`` and ``beta``: a frozen layer (running statistics in training)
         still trains its affine."""
         return _running_affine(
-            self.running_mean, self.running_whitening, self.weight, self.bias, self.num_groups,
-            self.padded_group_size, dtype,
+            self.running_mean,
+            self.running_whitening,
+            self.weight,
+            self.bias,
+            self.num_groups,
+            self.padded_group_size,
+            dtype,
         )
 
     # ----------------------------------------------------------------------------- statistics interface
