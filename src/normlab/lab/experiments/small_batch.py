@@ -256,6 +256,15 @@ def claims(results: dict[str, Any]) -> list[Claim]:
         )
         _equivalent(c, results, "ghost", "BN")
         out.append(c)
+    if "bkn" in KINDS:
+        c = Claim(
+            "BKN = BN full batch",
+            f"Batch Kalman Normalization with micro-batches of {SMALL} matches BatchNorm with statistics over the "
+            f"whole minibatch of {GLOBAL} within ±{MARGIN:g} point (Wang et al. 2018: comparable accuracy with "
+            "much smaller batches for the statistics).",
+        )
+        _equivalent(c, results, LABELS["bkn"], FULL_BN)
+        out.append(c)
     return out
 
 
