@@ -252,13 +252,16 @@ def test_every_registered_experiment_is_known() -> None:
 
 
 # ------------------------------------------------------------------------------ claim checks follow the numbers
-def _small_batch(bn: float, others: float, brn_full: float = 97.0, ghost: float | None = None) -> dict:
+def _small_batch(
+    bn: float, others: float, brn_full: float = 97.0, ghost: float | None = None, bkn: float = 97.0
+) -> dict:
     from normlab.lab.experiments import small_batch as sb
 
     jitter = [0.0, 0.5, -0.5, 0.2, -0.2, 0.4, -0.4, 0.1] * 2  # the same per-seed jitter for every row
     level = {label: others for label, _, _ in sb.rows()}
     level |= {"BN": bn, sb.FULL_BN: 97.0, sb.FULL_BRN: brn_full, sb.NAIVE_CBN: bn}
     level["ghost"] = bn if ghost is None else ghost
+    level[sb.LABELS["bkn"]] = bkn  # BKN: beside BN at small batch and BN over the full batch
     cells = {k: {"accuracy": [v + j for j in jitter], "final_train_loss": [0.1] * 16} for k, v in level.items()}
     return {"cells": cells}
 
@@ -270,7 +273,8 @@ def _verdicts(name: str, results: dict) -> dict[str, str]:
 def test_small_batch_claims_follow_the_numbers() -> None:
     good = _verdicts("small-batch", _small_batch(bn=93.0, others=96.0))
     assert set(good.values()) == {REPRODUCED}
-    bad = _verdicts("small-batch", _small_batch(bn=96.5, others=96.5, brn_full=95.0, ghost=99.0))
+    bad = _verdicts("small-batch", _small_batch(bn=96.5, others=96.5, brn_full=95.0, ghost=99.0, bkn=95.0))
+    assert bad["BKN = BN full batch"] == NOT_REPRODUCED  # 2 points below, clear of the 1-point margin
     assert bad["BN: small-batch drop"] == NOT_REPRODUCED  # a 0.5-point drop, clear of the 1-point minimum
     assert bad["CBN: beats BN at small batch"] == NOT_REPRODUCED
     assert bad["GN: beats BN at small batch"] == NOT_REPRODUCED
