@@ -27,18 +27,19 @@ from normlab.lab.data import class_batches, digits, iid_batches, mnist1d, standa
 from normlab.lab.experiments import EXPERIMENTS, get, run_experiments  # noqa: E402
 from normlab.lab.experiments.common import grid_optimum  # noqa: E402
 from normlab.lab.models import cnn, with_norm  # noqa: E402
-from normlab.lab.report import INCONCLUSIVE, NOT_CHECKED, NOT_REPRODUCED, REPRODUCED, VERDICTS, Claim, format_table  # noqa: E402  # noqa: E402
+from normlab.lab.report import INCONCLUSIVE, NOT_CHECKED, NOT_REPRODUCED, REPRODUCED, VERDICTS, Claim, format_table  # noqa: E402
 from normlab.lab.stats import Interval, mean_interval, paired_interval  # noqa: E402
 from normlab.lab.train import Context, TrainConfig, fit, replicate  # noqa: E402
 
-MINE = ("small-batch", "non-iid", "domain-shift")
+# The experiments the module's tiny run trains (the others' claim logic: tests/test_lab_claims.py).
+TINY_RUN = ("small-batch", "non-iid", "domain-shift")
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("lab")
     torch.set_num_threads(1)
-    summary = run_experiments(Context("tiny", seed=3, out=out, progress=False), MINE, jobs=1)
+    summary = run_experiments(Context("tiny", seed=3, out=out, progress=False), TINY_RUN, jobs=1)
     return out, summary
 
 
@@ -180,7 +181,7 @@ def test_devices_must_divide_the_batch() -> None:
 
 # ------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", TINY_RUN)
 def test_experiment_outputs_exist_and_parse(tiny_run: tuple[Path, list[dict]], name: str) -> None:
     out, _ = tiny_run
     folder = out / name
@@ -203,7 +204,7 @@ def test_experiment_outputs_exist_and_parse(tiny_run: tuple[Path, list[dict]], n
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("name", TINY_RUN)
 def test_claims_are_recomputed_from_saved_numbers(tiny_run: tuple[Path, list[dict]], name: str) -> None:
     out, _ = tiny_run
     results = json.loads((out / name / "results.json").read_text())
@@ -212,13 +213,22 @@ def test_claims_are_recomputed_from_saved_numbers(tiny_run: tuple[Path, list[dic
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", TINY_RUN)
+def test_plots_are_redrawn_from_saved_numbers(tiny_run: tuple[Path, list[dict]], name: str, tmp_path: Path) -> None:
+    out, _ = tiny_run
+    results = json.loads((out / name / "results.json").read_text())  # non-finite numbers saved as null
+    names = get(name).plot(results, tmp_path)
+    assert names and all((tmp_path / n).stat().st_size > 0 for n in names)
+
+
+@pytest.mark.slow
 def test_summary_and_index(tiny_run: tuple[Path, list[dict]]) -> None:
     out, summary = tiny_run
-    assert list(dict.fromkeys(s["experiment"] for s in summary)) == list(MINE)
+    assert list(dict.fromkeys(s["experiment"] for s in summary)) == list(TINY_RUN)
     saved = json.loads((out / "summary.json").read_text())
     assert [s["verdict"] for s in saved["claims"]] == [s["verdict"] for s in summary]
     index = (out / "index.md").read_text()
-    for name in MINE:
+    for name in TINY_RUN:
         assert f"({name}/report.md)" in index
     for s in summary:
         assert s["statement"] in index and len(s["claim"]) <= 30
@@ -248,7 +258,7 @@ def test_another_base_seed_gives_other_numbers(tiny_run: tuple[Path, list[dict]]
 
 
 def test_every_registered_experiment_is_known() -> None:
-    assert set(MINE) <= set(EXPERIMENTS) and "batch-norm" in EXPERIMENTS
+    assert set(TINY_RUN) <= set(EXPERIMENTS) and "batch-norm" in EXPERIMENTS
 
 
 # ------------------------------------------------------------------------------ claim checks follow the numbers

@@ -47,11 +47,12 @@ def mean_interval(d: Sequence[float], level: float = 0.95) -> Interval:
     """The mean of ``d`` and its Student-t confidence interval.
 
     With fewer than two values the interval is ``(-inf, +inf)`` (no spread can be estimated); with
-    none, the mean is ``nan`` too. A non-finite value makes the whole interval ``nan``.
+    none, the mean is ``nan`` too. A non-finite value makes the whole interval ``nan``; ``None`` (how
+    ``results.json`` stores a non-finite number) counts as one.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"mean_interval: expected 0 < level < 1, got {level}")
-    values = [float(v) for v in d]
+    values = [math.nan if v is None else float(v) for v in d]
     n = len(values)
     if n == 0:
         return Interval(math.nan, -math.inf, math.inf, 0, level)

@@ -56,7 +56,7 @@ from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, evaluate, fit
 from . import Experiment
-from .common import effects_figure, grid_optimum, save
+from .common import grid_optimum, legend_below, save, save_effects
 
 METHODS = ("none", "BN")
 HIDDEN, DEPTH, BATCH = 100, 3, 60  # the paper's MNIST network and minibatch size
@@ -446,18 +446,10 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
         ax.set_title(f"{m}: sigmoid input of unit 0, last hidden layer (repetition 0)")
         ax.set_ylabel("sigmoid input")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+        legend_below(ax)
     files.append(save(fig, out, "batch_norm_percentiles.png"))
 
-    checked = [c for c in claims(results) if c.effects]
-    if checked:
-        files.append(
-            save(
-                effects_figure(checked, "batch-norm: paired effects over seeds (95 % intervals)"),
-                out,
-                "batch_norm_effects.png",
-            )
-        )
+    files += save_effects(claims(results), "batch-norm", out)
     return files
 
 

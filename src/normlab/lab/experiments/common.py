@@ -23,6 +23,8 @@ __all__ = [
     "VERDICT_COLORS",
     "plot_effects",
     "effects_figure",
+    "save_effects",
+    "legend_below",
     "save",
 ]
 
@@ -147,3 +149,18 @@ def save(fig: Any, out: Path, name: str) -> str:
     fig.savefig(out / name, dpi=120)
     pyplot().close(fig)
     return name
+
+
+def save_effects(claims: Sequence[Claim], experiment: str, out: Path) -> list[str]:
+    """The checked claims' :func:`effects_figure` saved as ``out/<experiment>_effects.png`` (a one-name
+    list; empty when no claim could be checked)."""
+    checked = [c for c in claims if c.effects]
+    if not checked:
+        return []
+    title = f"{experiment}: paired effects over seeds (95 % intervals)"
+    return [save(effects_figure(checked, title), out, f"{experiment.replace('-', '_')}_effects.png")]
+
+
+def legend_below(ax: Any) -> None:
+    """A two-column legend under the panel, clear of the data."""
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)

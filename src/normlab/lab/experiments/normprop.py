@@ -54,7 +54,7 @@ from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import effects_figure, save
+from .common import save, save_effects
 
 HIDDEN, DEPTH = 64, 3
 BATCH, LR, BATCH1_LR = 32, 0.05, 0.05 / 32
@@ -360,12 +360,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     ax2.set_ylabel("paired difference of |mean| / std")
     ax2.set_title("BN minus NormProp c=1.21, per step (95 % interval)")
     files = [save(fig, out, "normprop_zero_mean.png")]
-    checked = [c for c in claims(results) if c.effects]
-    files.append(
-        save(
-            effects_figure(checked, "normprop: paired effects over seeds (95 % intervals)"), out, "normprop_effects.png"
-        )
-    )
+    files += save_effects(claims(results), "normprop", out)
     return files
 
 

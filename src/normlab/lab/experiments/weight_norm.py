@@ -52,7 +52,7 @@ from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import effects_figure, grid_optimum, save
+from .common import grid_optimum, legend_below, save, save_effects
 
 VARIANTS = ("plain", "WN", "WN + init", "WN + mean-only BN", "BN")
 LRS = (0.001, 0.003, 0.01, 0.03, 0.1)  # Adam rates of every variant, half a decade apart
@@ -310,17 +310,9 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     for ax in (ax1, ax2):
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+        legend_below(ax)
     files = [save(fig, out, "weight_norm_loss.png")]
-    checked = [c for c in claims(results) if c.effects]
-    if checked:
-        files.append(
-            save(
-                effects_figure(checked, "weight-norm: paired effects over seeds (95 % intervals)"),
-                out,
-                "weight_norm_effects.png",
-            )
-        )
+    files += save_effects(claims(results), "weight-norm", out)
     return files
 
 

@@ -55,7 +55,7 @@ from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import effects_figure, grid_optimum, save
+from .common import grid_optimum, legend_below, save, save_effects
 
 HIDDEN, DEPTH, BATCH = 64, 3, 128
 VARIANTS = {  # label: (kind, options)
@@ -389,17 +389,9 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     for ax in (ax1, ax2):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+        legend_below(ax)
     files = [save(fig, out, "whitening.png")]
-    checked = [c for c in claims(results) if c.effects]
-    if checked:
-        files.append(
-            save(
-                effects_figure(checked, "whitening: paired effects over seeds (95 % intervals)"),
-                out,
-                "whitening_effects.png",
-            )
-        )
+    files += save_effects(claims(results), "whitening", out)
     return files
 
 
