@@ -18,8 +18,9 @@ or a batch no larger than it, is exactly BatchNorm.
 
 A ghost batch stays local to its process: under :func:`normlab.sync` the layer normalizes as it
 does alone (the point of ghost batches is their small size). Every ghost batch needs more than one
-value per channel in training, as BatchNorm does. The micro-batch mechanism is
-:func:`normlab.kernels.micro_batch_norm`, shared with any layer that normalizes groups of samples.
+value per channel in training, as BatchNorm does. The micro-batch mechanism (the ``micro_batch_*``
+kernels of :mod:`normlab.kernels` and :func:`micro_batch_step`) is shared with Batch Kalman
+Normalization, whose layers without a prediction are ghost BN.
 """
 
 from __future__ import annotations
