@@ -18,6 +18,7 @@ pytest.importorskip("matplotlib")
 
 from normlab.lab.data import Split  # noqa: E402
 from normlab.lab.experiments import batch_norm, normprop, weight_norm, whitening  # noqa: E402
+from normlab.lab.experiments.common import chosen_rate  # noqa: E402
 from normlab.lab.models import mlp, with_norm  # noqa: E402
 from normlab.lab.report import INCONCLUSIVE, NOT_CHECKED, NOT_REPRODUCED, REPRODUCED  # noqa: E402
 from normlab.lab.train import Context  # noqa: E402
@@ -275,7 +276,7 @@ def test_weight_norm_diverged_everywhere_is_not_checked() -> None:
     for cells in results["cells"]["plain"].values():
         for c in cells:
             c["mean_train_loss"] = None
-    results["settings"]["chosen_learning_rate"]["plain"] = weight_norm.chosen_lr(results, "plain")[0]
+    results["settings"]["chosen_learning_rate"]["plain"] = chosen_rate(results["cells"]["plain"], "mean_train_loss")[0]
     verdicts = _verdicts(weight_norm.claims(results))
     assert verdicts["WN+init: faster than plain"] == NOT_CHECKED
     assert verdicts["WN+MOBN matches BN"] == REPRODUCED

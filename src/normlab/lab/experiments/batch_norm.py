@@ -56,7 +56,7 @@ from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, evaluate, fit
 from . import Experiment
-from .common import grid_optimum, legend_below, save, save_effects
+from .common import at_chosen, chosen_rate, legend_below, save, save_effects
 
 METHODS = ("none", "BN")
 HIDDEN, DEPTH, BATCH = 100, 3, 60  # the paper's MNIST network and minibatch size
@@ -233,7 +233,7 @@ def collect(ctx: Context, outputs: list[dict[str, Any]]) -> dict[str, Any]:
     results: dict[str, Any] = {"settings": settings, "cells": cells, "notes": []}
     chosen = results["settings"]["chosen_learning_rate"] = {}
     for m in METHODS:
-        chosen[m], note = chosen_lr(results, m)
+        chosen[m], note = chosen_rate(results["cells"][m], "final_train_loss")
         if note:
             results["notes"].append(f"{m}: {note}")
     for m in METHODS:
@@ -254,24 +254,8 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def chosen_lr(results: dict[str, Any], method: str) -> tuple[float | None, str | None]:
-    """The grid's rate with the lowest final training loss averaged over seeds, and a note on the grid's edge.
-
-    A rate where some seed diverged does not count; ``(None, note)`` when every rate diverged.
-    """
-    scores = {}
-    for lr in _grid(results):
-        losses = [c["final_train_loss"] for c in results["cells"][method][str(lr)]]
-        scores[lr] = sum(losses) / len(losses) if losses and all(_finite(v) for v in losses) else math.inf
-    try:
-        return grid_optimum(scores)
-    except ValueError:
-        return None, f"diverged at every learning rate of {sorted(scores)}"
 
 
-def _at_chosen(results: dict[str, Any], method: str) -> list[dict[str, Any]]:
-    lr = results["settings"]["chosen_learning_rate"].get(method)
-    return [] if lr is None else results["cells"][method][str(lr)]
 
 
 def max_trainable_step(results: dict[str, Any], method: str) -> list[float]:
@@ -287,7 +271,7 @@ def max_trainable_step(results: dict[str, Any], method: str) -> list[float]:
 
 def speedup_interval(results: dict[str, Any]) -> Interval:
     """``log2(steps without BN / steps with BN)`` to the target, paired over seeds."""
-    none, bn = _at_chosen(results, "none"), _at_chosen(results, "BN")
+    none, bn = at_chosen(results, "none"), at_chosen(results, "BN")
     return paired_interval(
         [math.log2(c["steps_to_target"]) for c in none], [math.log2(c["steps_to_target"]) for c in bn]
     )
@@ -299,7 +283,7 @@ def drift_interval(results: dict[str, Any]) -> Interval:
     def values(cells: list[dict[str, Any]]) -> list[float]:
         return [c["drift"] if _finite(c["drift"]) else math.inf for c in cells]
 
-    return paired_interval(values(_at_chosen(results, "none")), values(_at_chosen(results, "BN")))
+    return paired_interval(values(at_chosen(results, "none")), values(at_chosen(results, "BN")))
 
 
 def lr_interval(results: dict[str, Any]) -> Interval:
@@ -309,7 +293,7 @@ def lr_interval(results: dict[str, Any]) -> Interval:
 
 def population_interval(results: dict[str, Any]) -> Interval:
     """Test accuracy with population statistics minus with moving averages (BN at its rate), paired."""
-    cells = _at_chosen(results, "BN")
+    cells = at_chosen(results, "BN")
     return paired_interval([c["population_accuracy"] for c in cells], [c["moving_average_accuracy"] for c in cells])
 
 
@@ -397,7 +381,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     every = results["settings"]["accuracy_every_steps"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, m in enumerate(METHODS):
-        cells = _at_chosen(results, m)
+        cells = at_chosen(results, m)
         if not cells:
             continue
         curves = [c["accuracy_curve"] for c in cells]
@@ -435,7 +419,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, m in zip(axes, METHODS):
-        cells = _at_chosen(results, m)
+        cells = at_chosen(results, m)
         if not cells:
             continue
         x, p = cells[0]["percentile_steps"], cells[0]["unit0_percentiles"]

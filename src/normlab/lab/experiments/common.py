@@ -20,6 +20,8 @@ __all__ = [
     "norm_options",
     "curve_means",
     "grid_optimum",
+    "chosen_rate",
+    "at_chosen",
     "VERDICT_COLORS",
     "plot_effects",
     "effects_figure",
@@ -86,6 +88,32 @@ def grid_optimum(scores: Mapping[float, float], what: str = "learning rate") -> 
 
 
 VERDICT_COLORS = {REPRODUCED: "tab:green", NOT_REPRODUCED: "tab:red"}  # anything else (INCONCLUSIVE): grey
+
+
+def chosen_rate(cells_by_rate: Mapping[str, Sequence[Mapping[str, Any]]], key: str) -> tuple[float | None, str | None]:
+    """The grid's rate whose per-seed cells have the lowest mean ``key`` (a training loss), and
+    :func:`grid_optimum`'s note when it is on the grid's edge.
+
+    ``cells_by_rate`` maps each rate (as ``str(rate)``) to its per-seed cells. A rate where some
+    seed's value is not finite (``None`` in a saved ``results.json``) does not count; ``(None, note)``
+    when none counts.
+    """
+    scores = {}
+    for lr, cells in cells_by_rate.items():
+        values = [c[key] for c in cells]
+        ok = values and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+        scores[float(lr)] = sum(values) / len(values) if ok else math.inf
+    try:
+        return grid_optimum(scores)
+    except ValueError:
+        return None, f"diverged at every learning rate of {sorted(scores)}"
+
+
+def at_chosen(results: Mapping[str, Any], variant: str) -> list[dict[str, Any]]:
+    """The per-seed cells of ``variant`` at its chosen rate (``settings.chosen_learning_rate``); none
+    when it diverged at every rate."""
+    lr = results["settings"]["chosen_learning_rate"].get(variant)
+    return [] if lr is None else results["cells"][variant][str(lr)]
 
 
 def plot_effects(ax: Any, claims: Sequence[Claim], title: str = "effects (paired, 95 % interval)") -> None:

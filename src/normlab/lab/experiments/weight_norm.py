@@ -52,7 +52,7 @@ from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import grid_optimum, legend_below, save, save_effects
+from .common import at_chosen, chosen_rate, legend_below, save, save_effects
 
 VARIANTS = ("plain", "WN", "WN + init", "WN + mean-only BN", "BN")
 LRS = (0.001, 0.003, 0.01, 0.03, 0.1)  # Adam rates of every variant, half a decade apart
@@ -176,7 +176,7 @@ def collect(ctx: Context, outputs: list[dict[str, Any]]) -> dict[str, Any]:
     results: dict[str, Any] = {"settings": settings, "cells": cells, "notes": []}
     chosen = settings["chosen_learning_rate"] = {}
     for v in VARIANTS:
-        chosen[v], note = chosen_lr(results, v)
+        chosen[v], note = chosen_rate(results["cells"][v], "mean_train_loss")
         if note:
             results["notes"].append(f"{v}: {note}")
     return results
@@ -186,25 +186,8 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def chosen_lr(results: dict[str, Any], variant: str) -> tuple[float | None, str | None]:
-    """The grid's rate with the lowest run-averaged training loss over seeds, and a note on the grid's edge.
-
-    A rate where some seed diverged does not count; ``(None, note)`` when every rate diverged.
-    """
-    scores = {}
-    for lr, cells in results["cells"][variant].items():
-        losses = [c["mean_train_loss"] for c in cells]
-        scores[float(lr)] = sum(losses) / len(losses) if all(_finite(v) for v in losses) else math.inf
-    try:
-        return grid_optimum(scores)
-    except ValueError:
-        return None, f"diverged at every learning rate of {sorted(scores)}"
 
 
-def at_chosen(results: dict[str, Any], variant: str) -> list[dict[str, Any]]:
-    """The per-seed cells of ``variant`` at its chosen learning rate (none if it diverged everywhere)."""
-    lr = results["settings"]["chosen_learning_rate"].get(variant)
-    return [] if lr is None else results["cells"][variant][str(lr)]
 
 
 def faster_interval(results: dict[str, Any], variant: str) -> Interval:

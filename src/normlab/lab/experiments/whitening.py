@@ -55,7 +55,7 @@ from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, count_steps, evaluate, fit
 from . import Experiment
-from .common import grid_optimum, legend_below, save, save_effects
+from .common import at_chosen, chosen_rate, legend_below, save, save_effects
 
 HIDDEN, DEPTH, BATCH = 64, 3, 128
 VARIANTS = {  # label: (kind, options)
@@ -220,31 +220,14 @@ def collect(ctx: Context, outputs: list[dict[str, Any]]) -> dict[str, Any]:
     results: dict[str, Any] = {"settings": settings, "cells": cells, "notes": []}
     chosen = settings["chosen_learning_rate"] = {}
     for v in VARIANTS:
-        chosen[v], note = chosen_lr(results, v)
+        chosen[v], note = chosen_rate(results["cells"][v], "mean_train_loss")
         if note:
             results["notes"].append(f"{v}: {note}")
     return results
 
 
-def chosen_lr(results: dict[str, Any], variant: str) -> tuple[float | None, str | None]:
-    """The grid's rate with the lowest run-averaged training loss over seeds, and a note on the grid's edge.
-
-    A rate where some seed diverged does not count; ``(None, note)`` when every rate diverged.
-    """
-    scores = {}
-    for lr, cells in results["cells"][variant].items():
-        losses = [c["mean_train_loss"] for c in cells]
-        scores[float(lr)] = math.inf if any(v is None for v in losses) else sum(losses) / len(losses)
-    try:
-        return grid_optimum(scores)
-    except ValueError:
-        return None, f"diverged at every learning rate of {sorted(scores)}"
 
 
-def at_chosen(results: dict[str, Any], variant: str) -> list[dict[str, Any]]:
-    """The per-seed cells of ``variant`` at its chosen rate (none if it diverged at every rate)."""
-    lr = results["settings"]["chosen_learning_rate"].get(variant)
-    return [] if lr is None else results["cells"][variant][str(lr)]
 
 
 def cond_gap(results: dict[str, Any], worse: str, better: str) -> Interval:
