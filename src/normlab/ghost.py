@@ -39,6 +39,7 @@ from .kernels import (
     ema_steps,
     in_format_of,
     micro_batch_affine,
+    micro_batch_counts,
     micro_batch_norm,
     micro_batch_sizes,
     micro_batch_stats,
@@ -146,9 +147,7 @@ def micro_batch_step(
     if len(sizes) < 2 or x.dtype in LOW_PRECISION:  # (the kernels' .out forms take no mixed precision)
         return micro_batch_norm(x, size, weight, bias, eps)
     y, mean, var, _ = _STEP(x, weight, bias, sizes, eps)
-    per_sample = x[0].numel() // max(x.size(1), 1)
-    count = torch.tensor([s * per_sample for s in sizes], dtype=mean.dtype, device=x.device)
-    return y, mean, var, count
+    return y, mean, var, micro_batch_counts(x, sizes)
 
 
 # ----------------------------------------------------------------------------------- kernels

@@ -71,12 +71,12 @@ from .kernels import (
     ema_steps,
     in_format_of,
     micro_batch_affine,
+    micro_batch_counts,
     micro_batch_moments,
     micro_batch_sizes,
     micro_batch_stats,
     micro_batch_steps,
     params_in,
-    stat_dtype,
 )
 
 __all__ = [
@@ -434,14 +434,11 @@ def _kalman_step(
     (:func:`normlab.ghost.micro_batch_step`). Otherwise :class:`_KalmanStep`, or under
     ``torch.compile`` its composite (:func:`_composite`), which the compiler fuses itself.
     """
-    sdt = stat_dtype(x)
-    per_sample = x[0].numel() // max(x.size(1), 1)
-    count = torch.tensor([s * per_sample for s in sizes], dtype=sdt, device=x.device)
     if prediction is None or p == 0.0:
         prediction, p = None, 0.0
         if not (differentiable and torch.is_grad_enabled() and x.requires_grad):
-            y, mean, var, _ = micro_batch_step(x, sizes[0] if len(sizes) > 1 else None, weight, bias, eps)
-            return y, mean, var, count
+            return micro_batch_step(x, sizes[0] if len(sizes) > 1 else None, weight, bias, eps)
+    count = micro_batch_counts(x, sizes)
     mu_p, var_p = (None, None) if prediction is None else prediction
     settings = (tuple(sizes), float(p), float(eps), max_ratio)
     if torch.compiler.is_compiling():
@@ -569,8 +566,7 @@ class _KalmanStep(torch.autograd.Function):
                 g_var_p = _unexpand(gain * g_var, ctx.inputs[4])
         g_x = None
         if need[0]:
-            per_sample = x[0].numel() // max(x.size(1), 1)
-            m = torch.tensor(sizes, dtype=mean.dtype, device=x.device).unsqueeze(-1) * per_sample
+            m = micro_batch_counts(x, sizes).to(mean.dtype).unsqueeze(-1)
             c1 = 2 * g_var_o / m
             g_x = micro_batch_affine(x, sizes, c1, g_mu_o / m - c1 * mean_o, out=torch.empty_like(x))
             if g is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "micro_batch_sizes",
     "micro_batch_norm",
     "micro_batch_stats",
+    "micro_batch_counts",
     "micro_batch_moments",
     "micro_batch_affine",
     "check_micro_batches",
@@ -348,8 +349,7 @@ def micro_batch_norm(
         for k, chunk in enumerate(x.split(sizes) if len(sizes) > 1 else (x,))
     ]
     y = parts[0] if len(parts) == 1 else torch.cat(parts)
-    per_sample = x[0].numel() // max(x.size(1), 1) if x.size(0) else 0
-    count = torch.tensor([s * per_sample for s in sizes], dtype=sdt, device=x.device)
+    count = micro_batch_counts(x, sizes)
     # (the kernel saved the scratch buffers for its backward: no in-place op on them)
     var = scratch[1] * ((count - 1) / count).unsqueeze(-1)
     return y, scratch[0].clone(), var, count
@@ -394,6 +394,12 @@ def ema_steps(
     for running, values in ((running_mean, mean), (running_var, unbiased)):
         if running is not None:
             running.mul_(keep).add_((weights @ values.to(running.dtype).reshape(g, -1)).to(running.dtype))
+
+
+def micro_batch_counts(x: Tensor, sizes: list[int] | tuple[int, ...]) -> Tensor:
+    """The values per channel of each micro-batch of ``x`` ``(N, C, *)``: ``(G,)`` in the statistics' dtype."""
+    per_sample = x[0].numel() // max(x.size(1), 1) if x.size(0) else 0
+    return torch.tensor([s * per_sample for s in sizes], dtype=stat_dtype(x), device=x.device)
 
 
 def micro_batch_stats(x: Tensor, sizes: list[int] | tuple[int, ...]) -> tuple[Tensor, Tensor]:
