@@ -8,7 +8,8 @@ brn and mobn <= 1.05x, dbn (group size 16) <= 1.3x, cbn (window 8) <= 1.5x, ghos
 batches and micro-batches of 4 in the ResNet's batch of 16, of 32 in the MLP's 512). A "floor of cbn" row
 times the BatchNorm model plus the one computation every exact CBN step adds to it (the derivatives of
 each normalized input's statistics with respect to its producer's weights), so that the cbn row can be
-read against what is unavoidable.
+read against what is unavoidable; a "floor of exact cbn" row adds the reading of a full window that
+the paper's exact per-slot pooling needs at every step.
 """
 
 from __future__ import annotations
@@ -136,29 +137,41 @@ def _cases(name: str, build, shape: tuple[int, ...]) -> list[Case]:
                 baseline_label="BatchNorm (whole model)",
             )
         )
-    cases.append(
-        Case(
-            f"model: {name}",
-            "floor of cbn: BatchNorm + dmu/dW, dnu/dW",
-            shape,
-            lambda: _train_step(_with_derivatives(build()), shape),
-            lambda: _train_step(copy.deepcopy(build()), shape),
-            baseline_label="BatchNorm (whole model)",
+    window = KINDS["cbn"][0]["window"]
+    for label, slots in (
+        ("floor of cbn: BatchNorm + dmu/dW, dnu/dW", 0),
+        (f"floor of exact cbn (window={window}): BatchNorm + dmu/dW, dnu/dW + {window - 1} slot dots", window - 1),
+    ):
+        cases.append(
+            Case(
+                f"model: {name}",
+                label,
+                shape,
+                lambda slots=slots: _train_step(_with_derivatives(build(), slots), shape),
+                lambda: _train_step(copy.deepcopy(build()), shape),
+                baseline_label="BatchNorm (whole model)",
+            )
         )
-    )
     return cases
 
 
-def _with_derivatives(model: nn.Module) -> nn.Module:
+def _with_derivatives(model: nn.Module, slots: int = 0) -> nn.Module:
     """The BatchNorm model computing, in each training step, what any exact CBN step must add to it: the
     closed-form derivatives of each BatchNorm input's mean and mean square with respect to the weights of
-    the layer that produced it (one weight gradient of that layer per step). No window, no pooling."""
+    the layer that produced it (one weight gradient of that layer per step). With ``slots``, also the
+    reading of a full window: each stored iteration's dnu/dW (weight-sized) dotted with the current
+    weights, per channel, which the paper's per-slot max(nu, mu^2) needs at every step (it is not linear,
+    so the slots cannot be summed beforehand). No pooling, no storing."""
     producers = [m for m in model.modules() if isinstance(m, COMPENSATED)][:-1]  # not the classifier
+    window = {p: torch.randn(slots, *p.weight.shape) for p in producers}
 
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if module.training:
             count = torch.tensor(float(out.numel() // out.size(1)))
             producer_derivatives(module, args[0].detach(), out.detach(), count)
+            weight = module.weight.detach().flatten(1)
+            for slot in window[module]:  # slot by slot, as the layer reads large windows
+                torch.linalg.vecdot(slot.flatten(1), weight)
 
     for producer in producers:
         producer.register_forward_hook(hook)

@@ -9,7 +9,8 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import normlab
-from normlab.ghost import ghost_batch_norm
+from normlab import kernels
+from normlab.ghost import ghost_batch_norm, micro_batch_step
 
 D = torch.float64
 
@@ -20,7 +21,12 @@ def _factor(bn):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("shape,v", [((10, 6), 4), ((8, 6, 3, 3), 4), ((9, 6, 2), 4), ((5, 6, 2, 2), 8)])
+# Stacked ghost batches (equal sizes, a small spatial extent: one kernel call) and the step per ghost
+# batch (a remainder, or a larger extent), 2-D to 4-D.
+@pytest.mark.parametrize(
+    "shape,v",
+    [((10, 6), 4), ((12, 6), 4), ((8, 6, 3, 3), 4), ((8, 6, 9, 9), 4), ((9, 6, 2), 4), ((5, 6, 2, 2), 8)],
+)
 def test_matches_batch_norm_per_ghost_batch(shape, v, momentum):
     torch.manual_seed(0)
     layer = normlab.GhostBatchNorm(6, momentum=momentum, virtual_batch_size=v, dtype=D)
@@ -84,6 +90,40 @@ def test_gradcheck_and_gradgradcheck():
 
     assert gradcheck(fn, (x, w, b))
     assert gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 2), (6, 3, 2, 2)])
+def test_stacked_ghost_batches_gradcheck_and_gradgradcheck(shape):
+    torch.manual_seed(2)
+    x = torch.randn(shape, dtype=D, requires_grad=True)
+    assert kernels.stacked_micro_batches(x, kernels.micro_batch_sizes(6, 3))
+    w = (torch.rand(3, dtype=D) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=D, requires_grad=True)
+
+    def fn(x, w, b):
+        return ghost_batch_norm(x, None, None, w, b, True, None, virtual_batch_size=3)
+
+    assert gradcheck(fn, (x, w, b))
+    assert gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("shape", [(16, 5), (16, 5, 3), (16, 5, 4, 4)])
+def test_stacked_and_per_ghost_batch_paths_agree(monkeypatch, shape):
+    torch.manual_seed(5)
+    x = (torch.randn(shape) * 3 + 2).requires_grad_()
+    w, b = torch.rand(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    assert kernels.stacked_micro_batches(x, kernels.micro_batch_sizes(16, 4))
+    out = micro_batch_step(x, 4, w, b, 1e-5)
+    g = torch.randn(shape)
+    grads = torch.autograd.grad(out[0], (x, w, b), g)
+    monkeypatch.setattr(kernels, "_STACKED_EXTENT", 0)
+    assert not kernels.stacked_micro_batches(x, kernels.micro_batch_sizes(16, 4))
+    ref = micro_batch_step(x, 4, w, b, 1e-5)
+    for a, e in zip(out, ref):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads, torch.autograd.grad(ref[0], (x, w, b), g)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert out[0]._base is None and out[0].is_contiguous()  # a fresh output: in-place ops may follow
 
 
 def test_functional_core_matches_the_layer():
