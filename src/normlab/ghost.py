@@ -12,9 +12,10 @@ Training splits the minibatch into contiguous *ghost batches* of ``v = virtual_b
 
 The running statistics take one moving-average step per ghost batch, in order, with its mean and
 unbiased variance ``sigma_k^2 m_k / (m_k - 1)`` (as the authors' code, which runs BatchNorm on each
-chunk, and so does this layer: torch's kernel per ghost batch); ``num_batches_tracked`` counts ghost
-batches. Inference is batch normalization with the running statistics. ``virtual_batch_size=None``,
-or a batch no larger than it, is exactly BatchNorm.
+chunk; this layer uses torch's kernels per ghost batch, or once on ghost batches stacked as channels
+where that is faster); ``num_batches_tracked`` counts ghost batches. Inference is batch
+normalization with the running statistics. ``virtual_batch_size=None``, or a batch no larger than it,
+is exactly BatchNorm.
 
 A ghost batch stays local to its process: under :func:`normlab.sync` the layer normalizes as it
 does alone (the point of ghost batches is their small size). Every ghost batch needs more than one

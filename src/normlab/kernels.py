@@ -377,8 +377,8 @@ def micro_batch_norm(
 
 # Largest spatial extent (values per sample and channel) at which micro-batches are stacked: there one
 # kernel call on a transposed copy beats a call per micro-batch (ResNet shapes, 16 samples in
-# micro-batches of 4, forward and backward: 0.6x the time at 8x8, 0.5x at 4x4 and 2x2, 1 or 2
-# threads; at 16x16 0.9x on 2 threads but 1.3x on one, at 32x32 1.7x).
+# micro-batches of 4, forward and backward: 0.5-0.7x the time at 8x8 to 2x2 on 2 threads, 0.6-0.9x
+# on one; at 16x16 0.9x on 2 threads but 1.3x on one, at 32x32 1.7x).
 _STACKED_EXTENT = 64
 
 
