@@ -237,11 +237,13 @@ def channel_moments(
     return mean.to(sdt), var.to(sdt), count.to(sdt)
 
 
-def constant(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A 0-d tensor holding ``value``, made once per (value, device, dtype); never modify it.
+def constant(value: float | tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A tensor holding ``value`` (0-d for a number, 1-d for a tuple), made once per (value, device,
+    dtype); never modify it.
 
     A Python number in a tensor op costs a tensor allocation per call, as much as a small op itself;
-    per-step constants (eps, fixed bounds, the step increment) are made once instead.
+    per-step constants (eps, fixed bounds, the step increment, moving-average weights) are made once
+    instead.
     """
     if torch.compiler.is_compiling():  # traced as a graph constant
         return torch.tensor(value, device=device, dtype=dtype)
@@ -249,7 +251,7 @@ def constant(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
 
 
 @functools.lru_cache(maxsize=512)
-def _cached_constant(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _cached_constant(value: float | tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
     return torch.tensor(value, device=device, dtype=dtype)
 
 
@@ -429,23 +431,12 @@ def ema_steps(
     one small op per statistic (``addmv_``) instead of ``2 G``.
     """
     g, f = mean.size(0), float(f)
+    weights = tuple(f * (1 - f) ** (g - 1 - k) for k in range(g))
     unbiased = var * (count / (count - 1)).unsqueeze(-1)
     for running, values in ((running_mean, mean), (running_var, unbiased)):
         if running is not None:
-            w = _ema_weights(g, f, running.device, running.dtype)
+            w = constant(weights, running.device, running.dtype)
             running.addmv_(values.to(running.dtype).reshape(g, -1).t(), w, beta=(1 - f) ** g)
-
-
-def _ema_weights(g: int, f: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``f (1 - f)^(G-1-k)`` for ``k < G``, made once per (G, f, device, dtype); never modify it."""
-    if torch.compiler.is_compiling():  # traced as a graph constant
-        return torch.tensor([f * (1 - f) ** (g - 1 - k) for k in range(g)], device=device, dtype=dtype)
-    return _cached_ema_weights(g, f, device, dtype)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_ema_weights(g: int, f: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    return torch.tensor([f * (1 - f) ** (g - 1 - k) for k in range(g)], device=device, dtype=dtype)
 
 
 def micro_batch_counts(x: Tensor, sizes: list[int] | tuple[int, ...]) -> Tensor:
