@@ -182,6 +182,51 @@ def test_relu_moments_against_quadrature(mean):
     torch.testing.assert_close(got[1], v, atol=1e-9, rtol=1e-6)
 
 
+def test_relu_moments_closed_form_derivatives():
+    from normlab.kalman import _relu_moments
+
+    torch.manual_seed(4)
+    # both tails, the centre, and a variance near 0
+    mean = torch.tensor([-40.0, -6.0, -1.0, 0.0, 0.3, 2.0, 7.0, 40.0], dtype=D).repeat(2).requires_grad_()
+    var = torch.tensor([1.0] * 8 + [1e-9, 0.5, 2.0, 3.0, 1e-6, 0.1, 9.0, 4.0], dtype=D).requires_grad_()
+    got, want = relu_moments(mean, var), _relu_moments(mean, var)
+    g = [torch.randn_like(want[0]), torch.randn_like(want[1])]
+    for a, e in zip(torch.autograd.grad(got, (mean, var), g), torch.autograd.grad(want, (mean, var), g)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+    inner = (mean[2:7].detach().requires_grad_(), var[2:7].detach().add(0.2).requires_grad_())
+    assert gradcheck(relu_moments, inner) and gradgradcheck(relu_moments, inner)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Conv2d(6, 4, 3), nn.Conv2d(6, 4, (3, 2), groups=2, bias=False), nn.Conv1d(6, 4, 1), nn.Linear(6, 4)],
+    ids=["conv2d", "conv2d-groups", "conv1d-1tap", "linear"],
+)
+def test_transition_backward_matches_autograd_of_the_composite(layer):
+    from normlab.kalman import _transition
+
+    torch.manual_seed(8)
+    layer = layer.to(D)
+    e = torch.randn(3, 6, dtype=D, requires_grad=True)
+    d = torch.rand(3, 6, dtype=D).add(0.1).requires_grad_()
+    got = predict(e, d, layer, "identity")
+    w = layer.weight
+    want = _transition(e, d, w, getattr(layer, "groups", 1))
+    if layer.bias is not None:
+        want = (want[0] + layer.bias, want[1])
+    g = [torch.randn_like(want[0]), torch.randn_like(want[1])]
+    inputs = (e, d, w)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b)
+
+    def f(e, d, w):
+        with torch.nn.utils.stateless._reparametrize_module(layer, {"weight": w}):
+            return predict(e, d, layer, "identity")
+
+    w = w.detach().clone().requires_grad_()
+    assert gradcheck(f, (e, d, w)) and gradgradcheck(f, (e, d, w))
+
+
 @pytest.mark.parametrize(
     "layer",
     [nn.Conv2d(6, 4, 3), nn.Conv2d(6, 4, 3, groups=2, bias=False), nn.Conv1d(6, 4, 2), nn.Linear(6, 4)],
@@ -393,13 +438,30 @@ def test_compiled_chain_matches_eager():
     compiled_matches_eager(_layer(4, p=0.5, micro_batch=2).float(), (6, 4, 3, 3), ("running_mean", "running_var"))
 
 
+# Remainders (per micro-batch), equal micro-batches stacked (2-D, small maps), equal ones over grouped
+# views (a 9x9 map), and channels_last (per micro-batch).
 @pytest.mark.parametrize("prior_shape", [None, (3,), (3, 3)])
-@pytest.mark.parametrize("shape", [(5, 3, 2, 2), (7, 3)])
-def test_hand_written_backward_matches_the_composite(shape, prior_shape):
+@pytest.mark.parametrize(
+    "shape,sizes,channels_last",
+    [
+        ((5, 3, 2, 2), (2, 2, 1), False),
+        ((7, 3), (3, 3, 1), False),
+        ((6, 3, 2, 2), (2, 2, 2), False),
+        ((9, 3), (3, 3, 3), False),
+        ((6, 3, 9, 9), (2, 2, 2), False),
+        ((6, 3, 9, 9), (2, 2, 2), True),
+    ],
+)
+def test_hand_written_backward_matches_the_composite(shape, sizes, channels_last, prior_shape):
     from normlab.kalman import _composite, _KalmanStep
 
     torch.manual_seed(13)
-    x = torch.randn(shape, dtype=D, requires_grad=True)
+    x = torch.randn(shape, dtype=D)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    if prior_shape == (3, 3):
+        prior_shape = (len(sizes), 3)
     w, b = torch.rand(3, dtype=D, requires_grad=True), torch.randn(3, dtype=D, requires_grad=True)
     prior = (None, None)
     if prior_shape is not None:
@@ -407,7 +469,7 @@ def test_hand_written_backward_matches_the_composite(shape, prior_shape):
             torch.randn(prior_shape, dtype=D, requires_grad=True),
             torch.rand(prior_shape, dtype=D).add(0.5).requires_grad_(),
         )
-    settings = ((2, 2, 1) if shape[0] == 5 else (3, 3, 1), 0.7, 1e-5, None)
+    settings = (sizes, 0.7, 1e-5, None)
     got = _KalmanStep.apply(x, w, b, *prior, settings)
     want = _composite(x, w, b, *prior, settings)
     inputs = [t for t in (x, w, b, *prior) if t is not None]
