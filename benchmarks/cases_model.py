@@ -9,7 +9,9 @@ batches and micro-batches of 4 in the ResNet's batch of 16, of 32 in the MLP's 5
 times the BatchNorm model plus the one computation every exact CBN step adds to it (the derivatives of
 each normalized input's statistics with respect to its producer's weights), so that the cbn row can be
 read against what is unavoidable; a "floor of exact cbn" row adds the reading of a full window that
-the paper's exact per-slot pooling needs at every step.
+the paper's exact per-slot pooling needs at every step. A "floor of bkn" row times ghost BN (BKN's
+micro-batches) plus the products every linked BKN layer adds: its prediction through the producer's
+weights and that product's backward.
 """
 
 from __future__ import annotations
@@ -152,7 +154,56 @@ def _cases(name: str, build, shape: tuple[int, ...]) -> list[Case]:
                 baseline_label="BatchNorm (whole model)",
             )
         )
+    cases.append(
+        Case(
+            f"model: {name}",
+            f"floor of bkn (micro_batch={GHOST[name]}): ghost BN + the transitions' products",
+            shape,
+            lambda: _train_step(_with_transitions(name, build), shape),
+            lambda: _train_step(copy.deepcopy(build()), shape),
+            baseline_label="BatchNorm (whole model)",
+        )
+    )
     return cases
+
+
+def _with_transitions(name: str, build) -> nn.Module:
+    """The ghost-BN model (BKN's micro-batches without predictions) computing, in each training step, what
+    every linked BKN layer adds to it: its prediction through the producer's weights (the taps' sums of W
+    and W^2 against each micro-batch's moments) and that product's backward (the moments' gradients and
+    the weights' gradient a + 2 b W, added to a gradient buffer). No rectified-Gaussian moments, no
+    posterior, no autograd: the products any implementation of the paper's transition computes."""
+    torch.manual_seed(0)
+    model = normlab.convert(build(), "ghost", virtual_batch_size=GHOST[name])
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = normlab.convert(build(), "bkn", **_options(name, "bkn"))
+    names = {id(m): n for n, m in probe.named_modules()}
+    linked = [names[id(m.link[1])] for m in probe.modules() if isinstance(m, normlab.BatchKalmanNorm) and m.link]
+    modules = dict(model.named_modules())
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if not module.training:
+            return
+        groups = out.size(0) // GHOST[name]
+        w = module.weight.detach()
+        taps = w.reshape(w.size(0), w.size(1), -1)
+        ones = torch.ones(taps.size(-1))
+        w1 = taps.reshape(-1, taps.size(-1)) @ ones
+        w2 = taps.square().reshape(-1, taps.size(-1)) @ ones
+        w1, w2 = w1.view(taps.shape[:2]), w2.view(taps.shape[:2])
+        e, d = torch.rand(2, groups, w.size(1))
+        g_mu, g_var = e @ w1.t(), d @ w2.t()  # the prediction, standing in for its incoming gradients
+        g_mu @ w1, g_var @ w2  # noqa: B018  the moments' gradients
+        a, b = g_mu.t() @ e, g_var.t() @ d
+        buffers[module].add_(torch.addcmul(a.unsqueeze(-1), taps, b.unsqueeze(-1), value=2).view_as(w))
+
+    buffers = {}
+    for n in linked:
+        buffers[modules[n]] = torch.zeros_like(modules[n].weight)
+        modules[n].register_forward_hook(hook)
+    return model
 
 
 def _with_derivatives(model: nn.Module, slots: int = 0) -> nn.Module:

@@ -107,7 +107,10 @@ def test_matches_paper_reference(method, shape, group_size):
 
 
 @pytest.mark.parametrize("method", ["zca", "newton"])
-@pytest.mark.parametrize("shape,group_size", [((256, 48), 16), ((8, 32, 5, 3), 16), ((16, 20, 6), 8)])
+# 2-D input; maps of at most 16 values (the step's group-major layout: 15 and 6) and larger (sample-major: 20).
+@pytest.mark.parametrize(
+    "shape,group_size", [((256, 48), 16), ((8, 32, 5, 3), 16), ((16, 20, 6), 8), ((4, 40, 5, 4), 16)]
+)
 def test_float32_training_step_matches_float64_reference(method, shape, group_size):
     # Many groups, spatial axes and a padded last group, in float32 (where the layout of the GEMMs
     # decides the rounding), against the float64 reference.
@@ -128,9 +131,10 @@ def test_float32_training_step_matches_float64_reference(method, shape, group_si
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_strided_input_and_gradient_without_affine(method):
+@pytest.mark.parametrize("spatial", [(3, 4), (5, 4)])  # the group-major and the sample-major layout
+def test_strided_input_and_gradient_without_affine(method, spatial):
     # A channels-last input and the zero-stride gradient of y.sum(), with no gamma/beta.
-    x, _, _ = inputs((6, 8, 3, 4), seed=6)
+    x, _, _ = inputs((6, 8, *spatial), seed=6)
     x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
     layer = normlab.DecorrelatedBatchNorm(8, group_size=4, method=method, affine=False, eps=1e-3, dtype=D64)
     y = layer(x_cl)
@@ -145,7 +149,7 @@ def test_strided_input_and_gradient_without_affine(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("shape,group_size", [((12, 6), 4), ((4, 5, 2, 3), 3)])
+@pytest.mark.parametrize("shape,group_size", [((12, 6), 4), ((4, 5, 2, 3), 3), ((2, 5, 3, 6), 3)])
 def test_gradcheck(method, shape, group_size):
     x, w, b = inputs(shape, seed=1)
     fn = lambda x, w, b: decorrelated_batch_norm(  # noqa: E731
@@ -592,7 +596,7 @@ def test_deprecated_forms_warn_and_agree():
     torch.testing.assert_close(y, ref_dbn(x, w, b, 4, "zca", 1e-3)[0])
 
 
-@pytest.mark.parametrize("shape", [(16, 6), (16, 8), (4, 8, 3, 3), (4, 6, 3, 3)])
+@pytest.mark.parametrize("shape", [(16, 6), (16, 8), (4, 8, 3, 3), (4, 6, 3, 3), (4, 8, 5, 5), (4, 6, 5, 5)])
 def test_training_output_is_not_a_view(shape):
     """The block pattern of torchvision's ResNet modifies the output in place (ReLU(inplace=True), +=)."""
     x = torch.randn(shape, dtype=D64, requires_grad=True)
@@ -607,11 +611,12 @@ def test_training_output_is_not_a_view(shape):
     torch.testing.assert_close(gz, go)
 
 
-@pytest.mark.parametrize("method", ["zca", "newton"])
-def test_torch_compile_fullgraph_matches_eager(method):
-    """The training step is a custom op under compile (its shape function: _step_fake); eval is plain ops."""
+@pytest.mark.parametrize("method,spatial", [("zca", (3, 3)), ("newton", (3, 3)), ("zca", (5, 4))])
+def test_torch_compile_fullgraph_matches_eager(method, spatial):
+    """The training step is a custom op under compile (its shape function: _step_fake, for the group-major
+    and the sample-major layout); eval is plain ops."""
     eager = normlab.DecorrelatedBatchNorm(6, group_size=4, method=method)  # a padded group of 2
-    compiled_layer = compiled_matches_eager(eager, (4, 6, 3, 3), ("running_whitening", "running_mean"))
+    compiled_layer = compiled_matches_eager(eager, (4, 6, *spatial), ("running_whitening", "running_mean"))
     compiled = torch.compile(compiled_layer, fullgraph=True)
     eager.eval()
     compiled_layer.eval()

@@ -599,8 +599,9 @@ def _step_forward(
     xv = _grouped(x.to(stat_dtype(x)), G, g)
     m = xv.numel() // (G * g)
     mean = xv.mean(_sample_dims(xv))
-    xa = _centred(xv, mean)
-    cov = _scatter(xa, g) / m
+    by_groups = _by_groups(x)
+    xa = _centred(xv, mean, by_groups)
+    cov = _scatter(xa, g, by_groups) / m
     mask = _pad_mask(c, G, g, cov)
     sigma = _regularized(cov, eps, mask, method)
     if method == "newton":
@@ -611,18 +612,22 @@ def _step_forward(
         mats = D.unsqueeze(0).contiguous()  # (eigh returns column-major eigenvectors)
     A = W if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0).unsqueeze(-1) * W
     beta = W.new_zeros(G, g) if bias is None else _pad_vector(bias.to(W.dtype), G, g, 0.0)
-    if xa.dim() == 4 and G * g == c and x.dtype == W.dtype:
+    if xa.dim() == 4 and not by_groups and G * g == c and x.dtype == W.dtype:
         # The GEMM writes straight into an output of the input's shape (no copy, and not a view).
         y = x.new_empty(x.shape)
         _affine(A, beta, xa, out=y.view(xa.size(0) * G, g, xa.size(2)))
     else:
-        y = _fresh(_ungrouped(_affine(A, beta, xa), x.shape).to(x.dtype))
+        y = _fresh(_ungrouped(_affine(A, beta, xa, by_groups=by_groups), x.shape).to(x.dtype))
     return _like_input(y, x), mean.reshape(-1)[:c].clone(), cov, W, xa, mats, vec
 
 
 def _step_fake(x, weight, bias, G, g, eps, method, iterations):  # noqa: ANN001, ANN202
     n, sdt = x.size(0), stat_dtype(x)
-    xa = x.new_empty((n, G, g + 1) if x.dim() == 2 else (n, G, math.prod(x.shape[2:]), g), dtype=sdt)
+    if x.dim() == 2:
+        xa = x.new_empty((n, G, g + 1), dtype=sdt)
+    else:
+        lead = (G, n) if _by_groups(x) else (n, G)
+        xa = x.new_empty((*lead, math.prod(x.shape[2:]), g), dtype=sdt)
     k = 3 * (iterations - 1) + 2 if method == "newton" else 1
     mat = x.new_empty((G, g, g), dtype=sdt)
     vec = x.new_empty((G, 1, 1) if method == "newton" else (G, g), dtype=sdt)
@@ -637,17 +642,20 @@ def _step_setup(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, rest
     gamma = None if weight is None else _pad_vector(weight, G, g, 1.0)
     ctx.save_for_backward(xa, W, gamma, mats, vec)
     m = x.numel() // x.size(1)
-    ctx.setup = (x.shape, x.dtype, m, _pad_mask(x.size(1), G, g, cov), method, _dtype(weight), _dtype(bias))
+    mask = _pad_mask(x.size(1), G, g, cov)
+    ctx.setup = (x.shape, x.dtype, m, mask, method, _dtype(weight), _dtype(bias), _by_groups(x))
     ctx.memory_format = memory_format_of(x)
 
 
 def _step_backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: ANN001
     xa, W, gamma, mats, vec = ctx.saved_tensors
-    shape, dtype, m, mask, method, w_dtype, b_dtype = ctx.setup
+    shape, dtype, m, mask, method, w_dtype, b_dtype, by_groups = ctx.setup
     G, g = W.shape[:2]
     c = shape[1]
     gv = _grouped(gy.to(W.dtype), G, g)
-    P, gsum = _grad_products(gv, xa)
+    if by_groups:  # laid out as xa: (G, N, L, g)
+        gv = gv.permute(1, 0, 3, 2).contiguous()
+    P, gsum = _grad_products(gv, xa, by_groups)
     g_weight = (P * W).sum(-1).reshape(-1)[:c].to(w_dtype) if ctx.needs_input_grad[1] else None
     g_bias = gsum.reshape(-1)[:c].to(b_dtype) if ctx.needs_input_grad[2] else None
     if not ctx.needs_input_grad[0]:
@@ -663,7 +671,7 @@ def _step_backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tenso
     # d/dXc of W Xc and of Xc Xc^T / m; the mean's backward subtracts the mean gradient,
     # which is A^T mean(dL/dy) because Xc sums to zero: one GEMM over Xc (with that shift), one over dL/dy.
     shift = -(A.mT @ gsum.unsqueeze(-1)) / m
-    gx = _input_grad((g_sigma + g_sigma.mT) / m, shift.squeeze(-1), A.mT, gv, xa)
+    gx = _input_grad((g_sigma + g_sigma.mT) / m, shift.squeeze(-1), A.mT, gv, xa, by_groups)
     gx = _ungrouped(gx, shape).to(dtype)
     if ctx.memory_format is not torch.contiguous_format:  # as the input is laid out
         gx = in_format_of(gx, ctx.memory_format)
@@ -897,9 +905,26 @@ def _apply(M: Tensor, v: Tensor) -> Tensor:
 #   over samples and groups and read the input and its gradient in place, in their (N, C, L) layout.
 #   No ones column here: its strided fill costs more than the separate sum and the bias term of
 #   baddbmm, and a row of g + 1 floats misaligns every row of the GEMMs.
-def _centred(xv: Tensor, mean: Tensor) -> Tensor:
+# - Spatial input with small maps (at most _GROUP_MAJOR_EXTENT values per sample and channel, see
+#   _by_groups): (G, N, L, g), one (N L x g) matrix per group. Per-sample batches of (L x g) blocks
+#   are then too small for BLAS, and their per-sample copies of the whitening matrix and per-sample
+#   products outweigh the data; the price is a transposing copy of the output, and of dL/dy and the
+#   input gradient in the backward.
+_GROUP_MAJOR_EXTENT = 16
+
+
+def _by_groups(x: Tensor) -> bool:
+    """Whether the step keeps spatial input ``x`` group-major, ``(G, N, L, g)`` (small maps)."""
+    return x.dim() > 2 and math.prod(x.shape[2:]) <= _GROUP_MAJOR_EXTENT
+
+
+def _centred(xv: Tensor, mean: Tensor, by_groups: bool = False) -> Tensor:
     """The sample-major buffer of the grouped input ``xv`` (N, G, g[, L]) minus its ``mean`` (G, g)."""
     n, G, g = xv.shape[:3]
+    if by_groups:
+        xa = xv.new_empty((G, n, xv.size(3), g))
+        torch.sub(xv, mean.unsqueeze(-1), out=xa.permute(1, 0, 3, 2))
+        return xa
     if xv.dim() == 3:
         xa = xv.new_empty((n, G, g + 1))
         xa[..., g].fill_(1.0)  # a fill, not an indexed assignment: the strided copy of a scalar is slow
@@ -915,8 +940,11 @@ def _per_sample(M: Tensor, n: int) -> Tensor:
     return M.expand(n, *M.shape).reshape(n * M.size(0), *M.shape[1:])
 
 
-def _scatter(xa: Tensor, g: int) -> Tensor:
+def _scatter(xa: Tensor, g: int, by_groups: bool = False) -> Tensor:
     """Per group, ``sum Xc Xc^T`` over the samples: (G, g, g)."""
+    if by_groups:
+        rows = xa.flatten(1, 2)
+        return torch.bmm(rows.mT, rows)
     if xa.dim() == 3:
         rows = xa.transpose(0, 1)[..., :g]
         return torch.bmm(rows.mT, rows)
@@ -924,13 +952,19 @@ def _scatter(xa: Tensor, g: int) -> Tensor:
     return torch.bmm(flat.mT, flat).reshape(*xa.shape[:2], g, g).sum(0)
 
 
-def _affine(M: Tensor, b: Tensor, xa: Tensor, out: Tensor | None = None, flat: bool = False) -> Tensor:
+def _affine(
+    M: Tensor, b: Tensor, xa: Tensor, out: Tensor | None = None, flat: bool = False, by_groups: bool = False
+) -> Tensor:
     """Per group, ``M_k Xc + b_k`` for ``M`` (G, g, g) and ``b`` (G, g), in the grouped layout (N, G, g[, L]).
 
     For 2-D input the GEMM is group-major and the result a transposed view of it (a GEMM writing each
     group's block into the (N, C) result in place is several times slower than one contiguous GEMM and
-    a transposing copy). For spatial input the GEMM writes into ``out`` (N * G, g, L) when given, and
-    ``flat`` returns it in that shape."""
+    a transposing copy); so for group-major spatial input. For sample-major spatial input the GEMM
+    writes into ``out`` (N * G, g, L) when given, and ``flat`` returns it in that shape."""
+    if by_groups:
+        G, n, L = xa.shape[:3]
+        rows = torch.baddbmm(b.unsqueeze(1), xa.flatten(1, 2), M.mT)
+        return rows.view(G, n, L, -1).permute(1, 0, 3, 2)
     if xa.dim() == 3:
         return torch.bmm(xa.transpose(0, 1), torch.cat([M, b.unsqueeze(-1)], -1).mT).transpose(0, 1)
     n = xa.size(0)
@@ -940,8 +974,12 @@ def _affine(M: Tensor, b: Tensor, xa: Tensor, out: Tensor | None = None, flat: b
     return out if flat else out.reshape(*xa.shape[:2], *out.shape[1:])
 
 
-def _grad_products(gv: Tensor, xa: Tensor) -> tuple[Tensor, Tensor]:
-    """Per group, ``sum dL/dy Xc^T`` (G, g, g) and ``sum dL/dy`` (G, g), for ``gv`` in the grouped layout."""
+def _grad_products(gv: Tensor, xa: Tensor, by_groups: bool = False) -> tuple[Tensor, Tensor]:
+    """Per group, ``sum dL/dy Xc^T`` (G, g, g) and ``sum dL/dy`` (G, g), for ``gv`` in the grouped layout
+    (group-major: laid out as ``xa``)."""
+    if by_groups:
+        rows = gv.reshape(gv.size(0), -1, gv.size(-1))  # (reshape: batched gradients have a rule for it)
+        return torch.bmm(rows.mT, xa.flatten(1, 2)), rows.sum(1)
     n, G, g = gv.shape[:3]
     if gv.dim() == 3:
         Pa = torch.bmm(gv.transpose(0, 1).mT, xa.transpose(0, 1))
@@ -950,9 +988,14 @@ def _grad_products(gv: Tensor, xa: Tensor) -> tuple[Tensor, Tensor]:
     return P, gv.sum((0, 3))
 
 
-def _input_grad(M: Tensor, b: Tensor, At: Tensor, gv: Tensor, xa: Tensor) -> Tensor:
+def _input_grad(M: Tensor, b: Tensor, At: Tensor, gv: Tensor, xa: Tensor, by_groups: bool = False) -> Tensor:
     """Per group, ``M_k Xc + b_k + At_k dL/dy`` in the grouped layout (N, G, g[, L])."""
     # Accumulated into the contiguous GEMM result of _affine.
+    if by_groups:
+        G, n, L = xa.shape[:3]
+        rows = torch.baddbmm(b.unsqueeze(1), xa.flatten(1, 2), M.mT)
+        rows = rows.baddbmm_(gv.reshape(G, n * L, -1), At.mT)
+        return rows.view(G, n, L, -1).permute(1, 0, 3, 2)
     if gv.dim() == 3:
         out = _affine(M, b, xa)
         out.transpose(0, 1).baddbmm_(gv.transpose(0, 1), At.mT)
