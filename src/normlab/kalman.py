@@ -675,7 +675,8 @@ class _Transition(torch.autograd.Function):
                 w1 = (taps.reshape(-1, k) @ ones).view(taps.shape[:2])
                 w2 = (taps.square().reshape(-1, k) @ ones).view(taps.shape[:2])
             mu, v = _grouped(e, w1, groups), _grouped(d, w2, groups)
-        ctx.save_for_backward(e, d, weight, w1, w2)
+        # A linear layer's squared weights are weight-sized: recomputed in the backward, not kept.
+        ctx.save_for_backward(e, d, weight, w1, w2 if k > 1 else None)
         ctx.settings = groups
         ctx.inputs = (e, d, weight)
         ctx.versions = tuple(t._version for t in ctx.inputs)
@@ -689,7 +690,7 @@ class _Transition(torch.autograd.Function):
         groups = ctx.settings
         need = ctx.needs_input_grad
         g_e = _grouped_t(grad_mu, w1, groups) if need[0] else None
-        g_d = _grouped_t(grad_var, w2, groups) if need[1] else None
+        g_d = _grouped_t(grad_var, w1.square() if w2 is None else w2, groups) if need[1] else None
         g_w = None
         if need[2]:
             a = _outer(grad_mu, e, groups)
