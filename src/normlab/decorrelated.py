@@ -612,10 +612,14 @@ def _step_forward(
         mats = D.unsqueeze(0).contiguous()  # (eigh returns column-major eigenvectors)
     A = W if weight is None else _pad_vector(weight.to(W.dtype), G, g, 1.0).unsqueeze(-1) * W
     beta = W.new_zeros(G, g) if bias is None else _pad_vector(bias.to(W.dtype), G, g, 0.0)
-    if xa.dim() == 4 and not by_groups and G * g == c and x.dtype == W.dtype:
-        # The GEMM writes straight into an output of the input's shape (no copy, and not a view).
+    if xa.dim() == 4 and G * g == c and x.dtype == W.dtype:
+        # The GEMM writes straight into an output of the input's shape (no copy, and not a view);
+        # group-major, its result is copied there in one transposing copy.
         y = x.new_empty(x.shape)
-        _affine(A, beta, xa, out=y.view(xa.size(0) * G, g, xa.size(2)))
+        if by_groups:
+            y.view(xa.size(1), G, g, xa.size(2)).copy_(_affine(A, beta, xa, by_groups=True))
+        else:
+            _affine(A, beta, xa, out=y.view(xa.size(0) * G, g, xa.size(2)))
     else:
         y = _fresh(_ungrouped(_affine(A, beta, xa, by_groups=by_groups), x.shape).to(x.dtype))
     return _like_input(y, x), mean.reshape(-1)[:c].clone(), cov, W, xa, mats, vec
@@ -670,8 +674,10 @@ def _step_backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tenso
         g_sigma = g_sigma * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
     # d/dXc of W Xc and of Xc Xc^T / m; the mean's backward subtracts the mean gradient,
     # which is A^T mean(dL/dy) because Xc sums to zero: one GEMM over Xc (with that shift), one over dL/dy.
+    # (zca's and pca's dL/dSigma are symmetric already.)
     shift = -(A.mT @ gsum.unsqueeze(-1)) / m
-    gx = _input_grad((g_sigma + g_sigma.mT) / m, shift.squeeze(-1), A.mT, gv, xa, by_groups)
+    g_xc = g_sigma * (2 / m) if method != "newton" else (g_sigma + g_sigma.mT) / m
+    gx = _input_grad(g_xc, shift.squeeze(-1), A.mT, gv, xa, by_groups)
     gx = _ungrouped(gx, shape).to(dtype)
     if ctx.memory_format is not torch.contiguous_format:  # as the input is laid out
         gx = in_format_of(gx, ctx.memory_format)
@@ -724,7 +730,7 @@ def _check_method(name: str, method: str, iterations: int) -> None:
 def _eig(sigma: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     # A group with NaN or Inf in its covariance (a non-finite batch) gets NaN eigenvalues, so that its
     # output is NaN as BatchNorm's would be; eigh itself would fail to converge on it.
-    bad = ~torch.isfinite(sigma).all(-1).all(-1)
+    bad = torch.isnan((sigma * 0).sum((-2, -1)))  # NaN or Inf anywhere in the group: 3 small ops
     eye = torch.eye(sigma.size(-1), dtype=sigma.dtype, device=sigma.device)
     lam, D = torch.linalg.eigh(torch.where(bad[..., None, None], eye, sigma))
     # Sigma >= eps I in exact arithmetic: the floor only removes rounding below it.
