@@ -186,9 +186,9 @@ def test_relu_moments_closed_form_derivatives():
     from normlab.kalman import _relu_moments
 
     torch.manual_seed(4)
-    # both tails, the centre, and a variance near 0
-    mean = torch.tensor([-40.0, -6.0, -1.0, 0.0, 0.3, 2.0, 7.0, 40.0], dtype=D).repeat(2).requires_grad_()
-    var = torch.tensor([1.0] * 8 + [1e-9, 0.5, 2.0, 3.0, 1e-6, 0.1, 9.0, 4.0], dtype=D).requires_grad_()
+    # both tails, the centre, a variance near 0, and a variance of 0 at mean 0 and off it
+    mean = torch.tensor([-40.0, -6.0, -1.0, 0.0, 0.3, 2.0, 7.0, 40.0] * 2 + [0.0, 1.5], dtype=D).requires_grad_()
+    var = torch.tensor([1.0] * 8 + [1e-9, 0.5, 2.0, 3.0, 1e-6, 0.1, 9.0, 4.0, 0.0, 0.0], dtype=D).requires_grad_()
     got, want = relu_moments(mean, var), _relu_moments(mean, var)
     g = [torch.randn_like(want[0]), torch.randn_like(want[1])]
     for a, e in zip(torch.autograd.grad(got, (mean, var), g), torch.autograd.grad(want, (mean, var), g)):

@@ -366,7 +366,9 @@ def relu_moments(mean: Tensor, var: Tensor) -> Estimate:
 
 def _relu_moments(mean: Tensor, var: Tensor, settings: Any = None, parts: list | None = None) -> Estimate:
     """:func:`relu_moments` in differentiable ops; ``parts`` (a list) receives what the backward reads."""
-    s = var.clamp_min(0).sqrt().clamp_min(torch.finfo(var.dtype).tiny ** 0.5)
+    # s >= sqrt(tiny): clamped before the root, so that no gradient (nor 0 * inf) reaches var below it
+    tiny = torch.finfo(var.dtype).tiny
+    s = var.clamp_min(tiny).sqrt()
     a = mean / s
     upper = 0.5 * torch.erfc(-a / math.sqrt(2))  # Phi(a)
     lower = 0.5 * torch.erfc(a / math.sqrt(2))  # 1 - Phi(a)
@@ -375,7 +377,8 @@ def _relu_moments(mean: Tensor, var: Tensor, settings: Any = None, parts: list |
     # E[r^2] - E[r]^2 with its mean^2 (Phi - Phi^2) term written as mean^2 Phi (1 - Phi).
     v = mean.square() * upper * lower + var * upper + mean * s * density * (lower - upper) - (s * density).square()
     if parts is not None:
-        parts += [upper, lower, density / s, e, v >= 0]
+        # phi / s, 0 where s is held at its floor (var < tiny): no gradient reaches var through s there
+        parts += [upper, lower, torch.where(var >= tiny, density / s, 0.0), e, v >= 0]
     return e, v.clamp_min(0)
 
 
