@@ -520,8 +520,7 @@ class _KalmanStep(torch.autograd.Function):
 
     Forward: each micro-batch's statistics (:func:`normlab.kernels.micro_batch_stats`), the
     posterior on ``(G, C)`` tensors, and ``y = A x + B`` into a fresh output. Backward, with
-    ``S = sum dL/dy x`` and ``T = sum dL/dy`` per (group, channel) in one reading pass
-    (:func:`normlab.kernels.micro_batch_sums`)::
+    ``S = sum dL/dy x`` and ``T = sum dL/dy`` per (group, channel) (:func:`normlab.kernels.micro_batch_sums`)::
 
         dL/dgamma = r (S - mu T),  dL/dbeta = T,  dL/dmu += -A T,  dL/dvar += -r^2 A (S - mu T) / 2
         dL/dmu_obs  = q dL/dmu + 2 p q (mu_obs - mu_pred) dL/dvar,   dL/dvar_obs  = q dL/dvar
@@ -529,8 +528,8 @@ class _KalmanStep(torch.autograd.Function):
         dL/dx = dL/dy A + dL/dmu_obs / m + dL/dvar_obs 2 (x - mu_obs) / m
 
     (``r = 1/sqrt(var + eps)``, ``A = gamma r``, ``q = 1 - p``), the last in two multiply-adds. The
-    ``(G, C)`` algebra is written in few fused ops: at ResNet shapes its op count, not the passes over
-    ``x``, is most of the step's time. Second derivatives recompute the step through :func:`_composite`.
+    ``(G, C)`` algebra is written in few fused ops: on the ResNet's small maps its op count weighs as
+    much as the passes over ``x``. Second derivatives recompute the step through :func:`_composite`.
     """
 
     @staticmethod
@@ -657,10 +656,10 @@ class _Transition(torch.autograd.Function):
     """:func:`_transition` with its own backward: ``(E, D, W, groups) -> (mu, var)``.
 
     Autograd through the composite reads and writes the weights several times in its backward
-    (the taps' sum expanded, both factors of the squares, their sum), at 4-6x the time of the
-    forward on a 512x512x3x3 conv. With ``a = dmu^T E`` and ``b = dvar^T D`` per (output, input)
-    pair, the weights' gradient is ``a + 2 b W`` at every tap: one pass over the weights. Second
-    derivatives recompute the composite.
+    (the taps' sum expanded, both factors of the squares, their sum): on a 512x512x3x3 conv, one
+    thread, 6.4 ms forward and backward, 4.6 ms this way. With ``a = dmu^T E`` and ``b = dvar^T D``
+    per (output, input) pair, the weights' gradient is ``a + 2 b W`` at every tap: one pass over the
+    weights. Second derivatives recompute the composite.
     """
 
     @staticmethod
