@@ -66,11 +66,12 @@ step, in the training step; by autograd elsewhere).
 
 The training step is one :class:`normlab.dispatch.FusedStep` (a hand-written backward), batched over
 groups, that keeps the centred input Xc sample-major (``Xc^T`` per group; for (N, C) input with a column
-of ones appended) for the backward: the forward makes the mean, the centring, the covariance GEMM and
-the whitening GEMM ``diag(gamma) W Xc + beta`` (affine included); the backward the GEMM ``dL/dy Xc^T``
-(which gives ``dL/dW`` and ``dL/dgamma``), the sum of ``dL/dy`` (on the ones column for (N, C) input)
-and the input gradient ``(diag(gamma) W)^T (dL/dy - mean(dL/dy)) + (G_S + G_S^T)/m Xc`` as two GEMMs
-accumulated in one buffer.
+of ones appended; for maps of at most 16 values one ``(N L x g)`` matrix per group) for the backward:
+the forward makes the mean, the centring, the covariance GEMM and the whitening GEMM
+``diag(gamma) W Xc + beta`` (affine included); the backward the GEMM ``dL/dy Xc^T`` (which gives
+``dL/dW`` and ``dL/dgamma``), the sum of ``dL/dy`` (on the ones column for (N, C) input) and the input
+gradient ``(diag(gamma) W)^T (dL/dy - mean(dL/dy)) + (G_S + G_S^T)/m Xc`` as two GEMMs accumulated in
+one buffer.
 
 Distributed (``process_group`` set, see :func:`normlab.sync`): the count, per-channel sums and per-group
 sums of ``x x^T`` travel in one differentiable :func:`normlab.comm.global_sum`, so the mean and the
@@ -592,9 +593,9 @@ def _step_forward(
     method: str,
     iterations: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, cov, W, xa, mats, vec)`` of the local step: ``xa`` (the centred input, sample-major),
-    ``mats`` and ``vec`` (the eigenvectors ``(1, G, g, g)`` and ``sqrt(lambda)``, or the Newton iterates
-    and the traces) are what the backward reads."""
+    """``(y, mean, cov, W, xa, mats, vec)`` of the local step: ``xa`` (the centred input, sample-major;
+    group-major for small maps, :func:`_by_groups`), ``mats`` and ``vec`` (the eigenvectors ``(1, G, g,
+    g)`` and ``sqrt(lambda)``, or the Newton iterates and the traces) are what the backward reads."""
     c = x.size(1)
     xv = _grouped(x.to(stat_dtype(x)), G, g)
     m = xv.numel() // (G * g)
