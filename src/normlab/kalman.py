@@ -637,9 +637,13 @@ def _recomputed_grads(ctx: Any, layer: str, composite: Any, grads: tuple[Tensor 
 def _transition(e: Tensor, d: Tensor, weight: Tensor, groups: int) -> Estimate:
     """The transition's ``(L, C_out)`` mean and variance from ``(L, C_in)`` moments, in differentiable ops:
     the weights summed over the taps (and their squares) against the moments, per group."""
-    taps = weight.flatten(2) if weight.dim() > 2 else weight.unsqueeze(-1)
-    w1 = taps.sum(-1)  # (C_out, C_in / groups)
-    w2 = torch.linalg.vecdot(taps, taps)
+    taps = weight.reshape(weight.size(0), weight.size(1), -1)
+    if taps.size(-1) == 1:  # a linear layer or a 1x1 conv: the weights themselves, no copy
+        w1 = taps[..., 0]
+        w2 = w1.square()
+    else:
+        w1 = taps.sum(-1)  # (C_out, C_in / groups)
+        w2 = torch.linalg.vecdot(taps, taps)
     return _grouped(e, w1, groups), _grouped(d, w2, groups)
 
 
