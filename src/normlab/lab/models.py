@@ -47,12 +47,21 @@ def cnn(in_channels: int = 1, width: int = 16, num_classes: int = 10, dims: int 
     )
 
 
-def mlp(in_features: int, hidden: int = 64, depth: int = 3, num_classes: int = 10) -> nn.Sequential:
-    """``depth`` hidden layers ``Linear -> BatchNorm1d -> ReLU`` of width ``hidden``, then a linear classifier."""
-    layers: list[nn.Module] = [nn.Flatten()]
+def mlp(
+    in_features: int,
+    hidden: int = 64,
+    depth: int = 3,
+    num_classes: int = 10,
+    *,
+    activation: type[nn.Module] = nn.ReLU,
+    flatten: bool = True,
+) -> nn.Sequential:
+    """``depth`` hidden layers ``Linear -> BatchNorm1d -> activation`` of width ``hidden``, then a linear
+    classifier; with ``flatten``, an ``nn.Flatten`` first."""
+    layers: list[nn.Module] = [nn.Flatten()] if flatten else []
     width = in_features
     for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), activation()]
         width = hidden
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)

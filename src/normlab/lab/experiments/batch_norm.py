@@ -52,6 +52,7 @@ from torch import Tensor, nn
 import normlab
 
 from ..data import Split, digits, standardize, subset
+from ..models import mlp
 from ..report import Claim, pyplot
 from ..stats import Interval, mean_interval, paired_interval
 from ..train import Context, TrainConfig, evaluate, fit
@@ -89,13 +90,7 @@ def sigmoid_mlp(
     in_features: int = 64, hidden: int = HIDDEN, depth: int = DEPTH, num_classes: int = 10
 ) -> nn.Sequential:
     """``depth`` hidden layers ``Linear -> BatchNorm1d -> Sigmoid`` of ``hidden`` units, then a linear classifier."""
-    layers: list[nn.Module] = []
-    width = in_features
-    for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.Sigmoid()]
-        width = hidden
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    return mlp(in_features, hidden, depth, num_classes, activation=nn.Sigmoid, flatten=False)
 
 
 @torch.no_grad()
