@@ -472,3 +472,13 @@ def test_format_table_aligns() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("a") and set(lines[1]) <= {"-", " "}
     assert "1.235" in lines[2]
+
+
+def test_experiments_left_out_under_torchrun_say_why() -> None:
+    from normlab.lab.experiments import EXPERIMENTS, for_processes, get
+
+    assert for_processes(EXPERIMENTS, False) == (list(EXPERIMENTS), [])
+    runs, left_out = for_processes(EXPERIMENTS, True)
+    assert left_out == ["small-batch"] and runs == [n for n in EXPERIMENTS if n != "small-batch"]
+    assert "emulates its devices" in get("small-batch").single_process
+    assert for_processes(["small-batch"], True) == ([], ["small-batch"])

@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "run":
         parser.print_help()
         return 2
-    from .experiments import EXPERIMENTS, default_jobs, run_experiments
+    from .experiments import EXPERIMENTS, default_jobs, for_processes, get, run_experiments
     from .train import Context, Dist
 
     if args.jobs is not None and args.jobs < 1:
@@ -108,7 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and dist.active:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     ctx = Context(args.preset, args.seed, device, args.out, dist, progress=not args.no_progress)
-    names = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
+    names, left_out = for_processes(EXPERIMENTS if args.experiment == "all" else (args.experiment,), dist.active)
+    if left_out and args.experiment != "all":
+        dist.close()
+        parser.error(f"{args.experiment} cannot run under torchrun: {get(args.experiment).single_process}")
+    if left_out and dist.main:
+        for name in left_out:
+            print(f"note: {name} left out under torchrun: {get(name).single_process}")
     try:
         run_experiments(ctx, names, jobs=args.jobs if args.jobs is not None else default_jobs())
     finally:

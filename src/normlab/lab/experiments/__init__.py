@@ -38,6 +38,7 @@ __all__ = [
     "default_jobs",
     "run_job",
     "run_experiments",
+    "for_processes",
     "run_experiment",
     "run_all",
 ]
@@ -53,6 +54,8 @@ class Experiment:
     * ``collect(ctx, outputs)``: the jobs' outputs in seed order -> the results dict (with ``settings``).
     * ``claims(results)``: the claim checks, from the results alone (recomputable from ``results.json``).
     * ``table(results)``: headers and rows; ``plot(results, out)``: writes PNGs, returns their names.
+    * ``single_process``: empty when the experiment runs under torchrun (each process on its share of
+      every global batch); otherwise why it cannot.
     """
 
     name: str
@@ -64,6 +67,7 @@ class Experiment:
     claims: Callable[[dict[str, Any]], list[Claim]]
     table: Callable[[dict[str, Any]], tuple[list[str], list[list[Any]]]]
     plot: Callable[[dict[str, Any], Path], list[str]]
+    single_process: str = ""
 
 
 _MODULES = {
@@ -76,6 +80,15 @@ _MODULES = {
     "batch-norm": "batch_norm",
 }
 EXPERIMENTS: tuple[str, ...] = tuple(_MODULES)
+
+
+def for_processes(names: Sequence[str], distributed: bool) -> tuple[list[str], list[str]]:
+    """``names`` split into those that run here and those left out: under torchrun (``distributed``) the
+    experiments with a :attr:`Experiment.single_process` reason are left out."""
+    if not distributed:
+        return list(names), []
+    out = [n for n in names if get(n).single_process]
+    return [n for n in names if n not in out], out
 
 
 def get(name: str) -> Experiment:

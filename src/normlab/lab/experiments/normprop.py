@@ -100,7 +100,7 @@ def normalized_input(module: nn.Module, x: Tensor) -> Tensor:
 
     NormPropLinear: ``W_i . x / (c ||W_i||)``; BatchNorm1d (eval): ``(x - running_mean) / sqrt(running_var + eps)``.
     """
-    if isinstance(module, nn.BatchNorm1d):
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):  # (normlab.BatchNorm too, under torchrun)
         return (x - module.running_mean) / torch.sqrt(module.running_var + module.eps)
     w = module.weight
     return F.linear(x, w / (module.factor * w.norm(dim=1, keepdim=True).clamp_min(module.eps)))
@@ -163,10 +163,13 @@ def job(ctx: Context, s: int) -> dict[str, Any]:
         model, layers = build(label, normprop.Standardize(mean, sd, dim=1))
         model.to(ctx.device)
         dist: dict[int, list[float]] = {0: zero_mean_distance(model, layers, probe)}
+        # By name: under torchrun the training loop replaces the BatchNorm layers by synchronized ones.
+        names = [n for n, m in model.named_modules() if any(m is layer for layer in layers)]
 
-        def record(step: int, m: nn.Module, dist: dict = dist, layers: list = layers) -> None:
+        def record(step: int, m: nn.Module, dist: dict = dist, names: list = names) -> None:
             if step in at:
-                dist[step] = zero_mean_distance(m, layers, probe)
+                current = dict(m.named_modules())
+                dist[step] = zero_mean_distance(m, [current[n] for n in names], probe)
 
         hist = fit(model, split, cfg, ctx, seed=seed, desc=label, on_step=record)
         out[label] = {

@@ -333,4 +333,6 @@ EXPERIMENT = Experiment(
     claims,
     table,
     plot,
+    single_process="it emulates its devices in one process (replicas of 2 samples each), which cannot be "
+    "combined with torchrun's processes",
 )
