@@ -28,13 +28,13 @@ gradient itself carries no graph.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["FusedStep"]
+__all__ = ["FusedStep", "recomputed_grads"]
 
 
 class FusedStep:
@@ -102,20 +102,40 @@ class FusedStep:
                 f"{self.layer}: second derivatives (create_graph=True through a training step) are not "
                 f"supported: its backward is hand-written and not differentiable. {self.refusal}".rstrip()
             )
-        x, weight, bias = ctx.inputs
-        if any(t is not None and t._version != v for t, v in zip(ctx.inputs, ctx.versions)):
-            raise RuntimeError(
-                f"{self.layer}: second derivatives need the step's input, weight and bias as they were in "
-                "the forward, but one of them has been modified in place since"
-            )
-        wanted = [(i, t) for i, t in enumerate((x, weight, bias)) if ctx.needs_input_grad[i] and t is not None]
-        with torch.enable_grad():
-            y = self.composite(ctx, x, weight, bias)
-            found = torch.autograd.grad(y, [t for _, t in wanted], grad_y, create_graph=True, allow_unused=True)
-        grads: list[Tensor | None] = [None, None, None, None]
-        for (i, _), g in zip(wanted, found):
-            grads[i] = g
-        return tuple(grads)
+        grads = recomputed_grads(
+            ctx, self.layer, lambda x, weight, bias: (self.composite(ctx, x, weight, bias),), (grad_y,)
+        )
+        return (*grads, None)
+
+
+def recomputed_grads(
+    ctx: Any, layer: str, composite: Callable[..., Sequence[Tensor]], grads: Sequence[Tensor | None]
+) -> list[Tensor | None]:
+    """The gradients of ``ctx.inputs`` under ``create_graph``, for a Function with a hand-written backward.
+
+    ``composite(*ctx.inputs)`` recomputes the Function's outputs in differentiable ops; they are
+    differentiated against ``grads`` (one per output, ``None`` for an output that receives none) with
+    ``create_graph``, so second derivatives are exact. ``ctx.versions`` (the inputs' ``_version`` at
+    the forward) must match: an input modified in place since raises an error naming ``layer``.
+    Returns one gradient (or ``None``) per input.
+    """
+    inputs = ctx.inputs
+    if any(t is not None and t._version != v for t, v in zip(inputs, ctx.versions)):
+        raise RuntimeError(
+            f"{layer}: second derivatives need the step's inputs as they were in the forward, but one "
+            "of them has been modified in place since"
+        )
+    wanted = [(i, t) for i, t in enumerate(inputs) if ctx.needs_input_grad[i] and t is not None]
+    found: Sequence[Tensor | None] = ()
+    with torch.enable_grad():
+        pairs = [(o, g) for o, g in zip(composite(*inputs), grads) if g is not None]
+        if wanted and pairs:
+            outs, gs = [o for o, _ in pairs], [g for _, g in pairs]
+            found = torch.autograd.grad(outs, [t for _, t in wanted], gs, create_graph=True, allow_unused=True)
+    result: list[Tensor | None] = [None] * len(inputs)
+    for (i, _), g in zip(wanted, found):
+        result[i] = g
+    return result
 
 
 def _eager_function(step: FusedStep) -> type[torch.autograd.Function]:

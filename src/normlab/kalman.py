@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from .base import BatchStats, NormBase
 from .checks import check_input, check_positive_int, layer_name
+from .dispatch import recomputed_grads
 from .ghost import micro_batch_step
 from .kernels import (
     check_micro_batches,
@@ -364,7 +365,7 @@ def relu_moments(mean: Tensor, var: Tensor) -> Estimate:
     return _ReluMoments.apply(mean, var)
 
 
-def _relu_moments(mean: Tensor, var: Tensor, settings: Any = None, parts: list | None = None) -> Estimate:
+def _relu_moments(mean: Tensor, var: Tensor, parts: list | None = None) -> Estimate:
     """:func:`relu_moments` in differentiable ops; ``parts`` (a list) receives what the backward reads."""
     # s >= sqrt(tiny): clamped before the root, so that no gradient (nor 0 * inf) reaches var below it
     tiny = torch.finfo(var.dtype).tiny
@@ -392,14 +393,14 @@ class _ReluMoments(torch.autograd.Function):
         with torch.no_grad():
             e, v = _relu_moments(mean, var, parts=parts)
         ctx.save_for_backward(*parts)
-        ctx.inputs, ctx.settings = (mean, var), None
+        ctx.inputs = (mean, var)
         ctx.versions = (mean._version, var._version)
         return e, v
 
     @staticmethod
     def backward(ctx, grad_e, grad_v):  # noqa: ANN001, ANN205
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite
-            return tuple(_recomputed_grads(ctx, "BatchKalmanNorm", _relu_moments, (grad_e, grad_v)))
+            return tuple(recomputed_grads(ctx, "BatchKalmanNorm", _relu_moments, (grad_e, grad_v)))
         upper, lower, t, e, kept = ctx.saved_tensors  # t = phi / s
         grad_v = grad_v * kept  # the clamp at 0
         g_mean = torch.addcmul(grad_e * upper, grad_v, e * lower, value=2)
@@ -608,30 +609,8 @@ def _unexpand(grad: Tensor, like: Tensor) -> Tensor:
 
 
 def _composite_backward(ctx, grad_y, grad_mean, grad_var):  # noqa: ANN001, ANN202
-    return (*_recomputed_grads(ctx, "BatchKalmanNorm", _composite, (grad_y, grad_mean, grad_var)), None)
-
-
-def _recomputed_grads(ctx: Any, layer: str, composite: Any, grads: tuple[Tensor | None, ...]) -> list[Tensor | None]:
-    """Gradients of ``ctx.inputs`` under ``create_graph``: ``composite(*ctx.inputs, ctx.settings)`` recomputed
-    and differentiated, so that second derivatives are exact (raising if an input changed in place)."""
-    inputs = ctx.inputs
-    if any(t is not None and t._version != v for t, v in zip(inputs, ctx.versions)):
-        raise RuntimeError(
-            f"{layer}: second derivatives need the step's inputs as they were in the forward, but one "
-            "of them has been modified in place since"
-        )
-    wanted = [(i, t) for i, t in enumerate(inputs) if ctx.needs_input_grad[i] and t is not None]
-    found: tuple[Tensor | None, ...] = ()
-    with torch.enable_grad():
-        outs = composite(*inputs, ctx.settings)
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
-        if wanted and pairs:
-            outs, gs = [o for o, _ in pairs], [g for _, g in pairs]
-            found = torch.autograd.grad(outs, [t for _, t in wanted], gs, create_graph=True, allow_unused=True)
-    result: list[Tensor | None] = [None] * len(inputs)
-    for (i, _), g in zip(wanted, found):
-        result[i] = g
-    return result
+    step = lambda *inputs: _composite(*inputs, ctx.settings)  # noqa: E731
+    return (*recomputed_grads(ctx, "BatchKalmanNorm", step, (grad_y, grad_mean, grad_var)), None)
 
 
 def _transition(e: Tensor, d: Tensor, weight: Tensor, groups: int) -> Estimate:
@@ -691,7 +670,8 @@ class _Transition(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mu, grad_var):  # noqa: ANN001, ANN205
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite
-            return (*_recomputed_grads(ctx, "BatchKalmanNorm", _transition, (grad_mu, grad_var)), None)
+            step = lambda e, d, w: _transition(e, d, w, ctx.settings)  # noqa: E731
+            return (*recomputed_grads(ctx, "BatchKalmanNorm", step, (grad_mu, grad_var)), None)
         e, d, weight, w1, w2 = ctx.saved_tensors
         groups = ctx.settings
         need = ctx.needs_input_grad
