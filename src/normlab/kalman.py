@@ -494,13 +494,15 @@ def _posterior(
     return mean, var, gain
 
 
-def _scale_shift(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Estimate:
-    """The normalization ``y = A x + B`` of each (group, channel): ``A = gamma / sqrt(var + eps)``."""
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    return scale, shift if bias is None else shift + bias
+def _scale_shift(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The normalization ``y = A x + B`` of each (group, channel): ``r = 1 / sqrt(var + eps)``, ``A = gamma r``
+    and ``B = beta - mu A`` (differentiable)."""
+    r = torch.rsqrt(var + eps)
+    scale = r if weight is None else r * weight
+    shift = -(mean * scale) if bias is None else torch.addcmul(bias, mean, scale, value=-1)
+    return r, scale, shift
 
 
 def _composite(
@@ -511,7 +513,7 @@ def _composite(
     mean_o, var_o = micro_batch_moments(x, sizes)
     mean, var, _ = _posterior(mean_o, var_o, mu_p, var_p, p, max_ratio)
     weight, bias = params_in(mean.dtype, weight, bias)
-    scale, shift = _scale_shift(mean, var, weight, bias, eps)
+    _, scale, shift = _scale_shift(mean, var, weight, bias, eps)
     return micro_batch_affine(x, sizes, scale, shift), mean, var
 
 
@@ -540,9 +542,7 @@ class _KalmanStep(torch.autograd.Function):
             mean_o, var_o = micro_batch_stats(x, sizes)
             mean, var, gain = _posterior(mean_o, var_o, mu_p, var_p, p, max_ratio)
             w, b = params_in(mean.dtype, weight, bias)
-            r = (var + eps).rsqrt_()
-            scale = r if w is None else r * w
-            shift = -(mean * scale) if b is None else torch.addcmul(b, mean, scale, value=-1)
+            r, scale, shift = _scale_shift(mean, var, w, b, eps)
             y = micro_batch_affine(x, sizes, scale, shift, out=torch.empty_like(x))
         ctx.settings, ctx.gain = settings, gain
         ctx.save_for_backward(x, w, mean_o, mean, r, scale, mu_p)
@@ -616,14 +616,23 @@ def _composite_backward(ctx, grad_y, grad_mean, grad_var):  # noqa: ANN001, ANN2
 def _transition(e: Tensor, d: Tensor, weight: Tensor, groups: int) -> Estimate:
     """The transition's ``(L, C_out)`` mean and variance from ``(L, C_in)`` moments, in differentiable ops:
     the weights summed over the taps (and their squares) against the moments, per group."""
-    taps = weight.reshape(weight.size(0), weight.size(1), -1)
-    if taps.size(-1) == 1:  # a linear layer or a 1x1 conv: the weights themselves, no copy
-        w1 = taps[..., 0]
-        w2 = w1.square()
-    else:
-        w1 = taps.sum(-1)  # (C_out, C_in / groups)
-        w2 = torch.linalg.vecdot(taps, taps)
+    w1, w2 = _tap_sums(weight)
     return _grouped(e, w1, groups), _grouped(d, w2, groups)
+
+
+def _tap_sums(weight: Tensor) -> Estimate:
+    """``W`` and ``W^2`` summed over the kernel taps: ``(C_out, C_in / groups)`` each (differentiable).
+
+    One tap (a linear layer, a 1x1 conv): the weights themselves, no copy. Otherwise matrix-vector
+    products with a vector of ones, 3x faster on CPU than a reduction over a last dimension of 3x3 taps.
+    """
+    taps = weight.reshape(weight.size(0), weight.size(1), -1)
+    k = taps.size(-1)
+    if k == 1:
+        w1 = taps[..., 0]
+        return w1, w1.square()
+    ones = torch.ones(k, dtype=weight.dtype, device=weight.device)
+    return (taps.reshape(-1, k) @ ones).view(taps.shape[:2]), (taps.square().reshape(-1, k) @ ones).view(taps.shape[:2])
 
 
 def _grouped(x: Tensor, w: Tensor, groups: int) -> Tensor:
@@ -648,20 +657,11 @@ class _Transition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e, d, weight, groups):  # noqa: ANN001, ANN205
         with torch.no_grad():
-            taps = weight.reshape(weight.size(0), weight.size(1), -1)
-            k = taps.size(-1)
-            if k == 1:
-                w1 = taps[..., 0]
-                w2 = w1.square()
-            else:
-                # Sums over the taps as matrix-vector products: 3x faster than a reduction over the
-                # last dimension of 3x3 taps.
-                ones = torch.ones(k, dtype=weight.dtype, device=weight.device)
-                w1 = (taps.reshape(-1, k) @ ones).view(taps.shape[:2])
-                w2 = (taps.square().reshape(-1, k) @ ones).view(taps.shape[:2])
+            w1, w2 = _tap_sums(weight)
             mu, v = _grouped(e, w1, groups), _grouped(d, w2, groups)
-        # A linear layer's squared weights are weight-sized: recomputed in the backward, not kept.
-        ctx.save_for_backward(e, d, weight, w1, w2 if k > 1 else None)
+        # One tap: the squared weights are weight-sized, recomputed in the backward, not kept.
+        one_tap = weight[0, 0].numel() == 1
+        ctx.save_for_backward(e, d, weight, w1, None if one_tap else w2)
         ctx.settings = groups
         ctx.inputs = (e, d, weight)
         ctx.versions = tuple(t._version for t in ctx.inputs)
