@@ -408,12 +408,7 @@ def stacked_micro_batches(x: Tensor, sizes: list[int]) -> bool:
     Several micro-batches of one size (no remainder) of a contiguous ``x`` with at most
     ``_STACKED_EXTENT`` values per sample and channel.
     """
-    return (
-        len(sizes) > 1
-        and sizes[-1] == sizes[0]
-        and x.is_contiguous()
-        and x.numel() <= _STACKED_EXTENT * x.size(0) * x.size(1)
-    )
+    return len(sizes) > 1 and _equal_views(x, sizes) and x.numel() <= _STACKED_EXTENT * x.size(0) * x.size(1)
 
 
 @torch.no_grad()
