@@ -487,6 +487,24 @@ def test_statistics_interface(method):
     torch.testing.assert_close(y, torch.einsum("dc,nc...->nd...", A, x) + b.view(1, c, 1))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("spatial", [(), (2, 2), (5, 4)])  # each layout of the step
+def test_nonfinite_value_spoils_its_group_only(bad, spatial):
+    # eigh cannot take such a covariance: the group gets NaN eigenvalues and a NaN output, as its
+    # channels would under BatchNorm; the other groups are whitened as on their own.
+    x = torch.randn(16, 8, *spatial)
+    x[3, 5].fill_(bad)
+    layer = normlab.DecorrelatedBatchNorm(8, group_size=4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="DecorrelatedBatchNorm: a training batch gave non-finite"):
+        y = layer(x)
+    assert not torch.isfinite(y[:, 4:]).any()
+    alone = normlab.DecorrelatedBatchNorm(4, group_size=4)(x[:, :4])
+    torch.testing.assert_close(y[:, :4], alone)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_load_statistics_validates_before_touching_state():
     layer = normlab.DecorrelatedBatchNorm(6, group_size=4)
     before = {k: v.clone() for k, v in layer.state_dict().items()}

@@ -66,7 +66,7 @@ step, in the training step; by autograd elsewhere).
 
 The training step is one :class:`normlab.dispatch.FusedStep` (a hand-written backward), batched over
 groups, that keeps the centred input Xc sample-major (``Xc^T`` per group; for (N, C) input with a column
-of ones appended; for maps of at most 16 values one ``(N L x g)`` matrix per group) for the backward:
+of ones appended; for small maps one ``(g x N L)`` matrix per group, channel-major) for the backward:
 the forward makes the mean, the centring, the covariance GEMM and the whitening GEMM
 ``diag(gamma) W Xc + beta`` (affine included); the backward the GEMM ``dL/dy Xc^T`` (which gives
 ``dL/dW`` and ``dL/dgamma``), the sum of ``dL/dy`` (on the ones column for (N, C) input) and the input
@@ -97,6 +97,7 @@ from .kernels import (
     accumulation_dtype,
     buffer_dtype,
     ema,
+    identity,
     in_format_of,
     memory_format_of,
     params_in,
@@ -236,6 +237,12 @@ class DecorrelatedBatchNorm(NormBase):
             group,
         )
         return y, BatchStats(mean, cov, count, (W,))
+
+    def guarded_statistics(self, stats: BatchStats) -> tuple[Any, ...]:
+        """The whitening matrix alone: it is not finite wherever the covariance is not (``_eig`` gives
+        such a group NaN eigenvalues; Newton's products carry NaN and Inf), and the covariance is not
+        wherever the mean is not."""
+        return stats.extra
 
     def update_running(self, stats: BatchStats) -> None:
         """The running mean, variance (the covariance diagonal) and whitening matrix move towards the batch's."""
@@ -513,6 +520,8 @@ def _batch_step(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean (C,), cov (G, g, g), W (G, g, g), m)`` of one training step (no running update).
 
+    ``m`` is the sample count per channel: a number locally, a tensor (the global count) over a group.
+
     ``cov`` is the biased per-group covariance without ``eps`` and ``W`` the batch whitening matrices
     (padding as computed, not as stored). Locally the fused step below; over a process group (or
     with ``composed``) the same maths composed of differentiable ops on the statistics summed over
@@ -520,7 +529,7 @@ def _batch_step(
     """
     if group is None and not composed:
         y, mean, cov, W = _STEP(x, weight, bias, G, g, eps, method, iterations)[:4]
-        return y, mean, cov, W, torch.tensor(float(x.numel() // x.size(1)), dtype=cov.dtype, device=x.device)
+        return y, mean, cov, W, float(x.numel() // x.size(1))
     c = x.size(1)
     sdt = stat_dtype(x)
     xv = _grouped(x.to(sdt), G, g)
@@ -602,7 +611,7 @@ def _step_forward(
     mean = xv.mean(_sample_dims(xv))
     by_groups = _by_groups(x)
     xa = _centred(xv, mean, by_groups)
-    cov = _scatter(xa, g, by_groups) / m
+    cov = _scatter(xa, g, by_groups).div_(m)
     mask = _pad_mask(c, G, g, cov)
     sigma = _regularized(cov, eps, mask, method)
     if method == "newton":
@@ -615,10 +624,10 @@ def _step_forward(
     beta = W.new_zeros(G, g) if bias is None else _pad_vector(bias.to(W.dtype), G, g, 0.0)
     if xa.dim() == 4 and G * g == c and x.dtype == W.dtype:
         # The GEMM writes straight into an output of the input's shape (no copy, and not a view);
-        # group-major, its result is copied there in one transposing copy.
+        # group-major, its result is copied there in one copy.
         y = x.new_empty(x.shape)
         if by_groups:
-            y.view(xa.size(1), G, g, xa.size(2)).copy_(_affine(A, beta, xa, by_groups=True))
+            y.view(xa.size(2), G, g, xa.size(3)).copy_(_affine(A, beta, xa, by_groups=True))
         else:
             _affine(A, beta, xa, out=y.view(xa.size(0) * G, g, xa.size(2)))
     else:
@@ -631,8 +640,8 @@ def _step_fake(x, weight, bias, G, g, eps, method, iterations):  # noqa: ANN001,
     if x.dim() == 2:
         xa = x.new_empty((n, G, g + 1), dtype=sdt)
     else:
-        lead = (G, n) if _by_groups(x) else (n, G)
-        xa = x.new_empty((*lead, math.prod(x.shape[2:]), g), dtype=sdt)
+        L = math.prod(x.shape[2:])
+        xa = x.new_empty((G, g, n, L) if _by_groups(x) else (n, G, L, g), dtype=sdt)
     k = 3 * (iterations - 1) + 2 if method == "newton" else 1
     mat = x.new_empty((G, g, g), dtype=sdt)
     vec = x.new_empty((G, 1, 1) if method == "newton" else (G, g), dtype=sdt)
@@ -658,8 +667,8 @@ def _step_backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tenso
     G, g = W.shape[:2]
     c = shape[1]
     gv = _grouped(gy.to(W.dtype), G, g)
-    if by_groups:  # laid out as xa: (G, N, L, g)
-        gv = gv.permute(1, 0, 3, 2).contiguous()
+    if by_groups:  # laid out as xa: (G, g, N, L)
+        gv = gv.permute(1, 2, 0, 3).contiguous()
     P, gsum = _grad_products(gv, xa, by_groups)
     g_weight = (P * W).sum(-1).reshape(-1)[:c].to(w_dtype) if ctx.needs_input_grad[1] else None
     g_bias = gsum.reshape(-1)[:c].to(b_dtype) if ctx.needs_input_grad[2] else None
@@ -667,17 +676,20 @@ def _step_backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None, Tenso
         return None, g_weight, g_bias
     A = W if gamma is None else gamma.unsqueeze(-1) * W
     gW = P if gamma is None else gamma.unsqueeze(-1) * P
+    # d/dXc of W Xc and of Xc Xc^T / m, which is (dL/dSigma + dL/dSigma^T) / m Xc: 2/m dL/dSigma for
+    # zca and pca, whose dL/dSigma is symmetric already (zca's backward takes the factor).
     if method == "newton":
         g_sigma = _newton_backward((mats, vec), gW, mask)
+    elif method == "zca":
+        g_sigma = _zca_backward(mats[0], vec, gW, 2 / m)
     else:
-        g_sigma = (_zca_backward if method == "zca" else _pca_backward)(mats[0], vec, gW)
+        g_sigma = _pca_backward(mats[0], vec, gW).mul_(2 / m)
     if mask is not None:
         g_sigma = g_sigma * (mask.unsqueeze(-1) * mask.unsqueeze(-2))
-    # d/dXc of W Xc and of Xc Xc^T / m; the mean's backward subtracts the mean gradient,
-    # which is A^T mean(dL/dy) because Xc sums to zero: one GEMM over Xc (with that shift), one over dL/dy.
-    # (zca's and pca's dL/dSigma are symmetric already.)
-    shift = -(A.mT @ gsum.unsqueeze(-1)) / m
-    g_xc = g_sigma * (2 / m) if method != "newton" else (g_sigma + g_sigma.mT) / m
+    # The mean's backward subtracts the mean gradient, which is A^T mean(dL/dy) because Xc sums to
+    # zero: one GEMM over Xc (with that shift), one over dL/dy.
+    shift = torch.bmm(A.mT, gsum.unsqueeze(-1)).mul_(-1 / m)
+    g_xc = g_sigma if method != "newton" else (g_sigma + g_sigma.mT).div_(m)
     gx = _input_grad(g_xc, shift.squeeze(-1), A.mT, gv, xa, by_groups)
     gx = _ungrouped(gx, shape).to(dtype)
     if ctx.memory_format is not torch.contiguous_format:  # as the input is laid out
@@ -730,11 +742,16 @@ def _check_method(name: str, method: str, iterations: int) -> None:
 # ------------------------------------------------------------------------------------ whitening matrices
 def _eig(sigma: Tensor, floor: float) -> tuple[Tensor, Tensor]:
     # A group with NaN or Inf in its covariance (a non-finite batch) gets NaN eigenvalues, so that its
-    # output is NaN as BatchNorm's would be; eigh itself would fail to converge on it.
-    bad = torch.isnan((sigma * 0).sum((-2, -1)))  # NaN or Inf anywhere in the group: 3 small ops
+    # output is NaN as BatchNorm's would be; eigh itself would fail to converge on it. Eagerly, one
+    # sum read on the host tells whether any group is so (eigh synchronizes with the host anyway);
+    # traced, a data-dependent branch would break the graph, so every group goes through the masks.
+    if not torch.compiler.is_compiling() and math.isfinite(sigma.sum().item()):
+        lam, D = torch.linalg.eigh(sigma)
+        # Sigma >= eps I in exact arithmetic: the floor only removes rounding below it.
+        return lam.clamp_min_(floor).sqrt_(), D
+    bad = torch.isnan((sigma * 0).sum((-2, -1)))  # NaN or Inf anywhere in the group
     eye = torch.eye(sigma.size(-1), dtype=sigma.dtype, device=sigma.device)
     lam, D = torch.linalg.eigh(torch.where(bad[..., None, None], eye, sigma))
-    # Sigma >= eps I in exact arithmetic: the floor only removes rounding below it.
     s = lam.clamp_min(floor).sqrt()
     return torch.where(bad[..., None], torch.nan, s), D
 
@@ -743,10 +760,13 @@ def _zca_forward(D: Tensor, s: Tensor) -> Tensor:
     return (D / s.unsqueeze(-2)) @ D.mT
 
 
-def _zca_backward(D: Tensor, s: Tensor, gW: Tensor) -> Tensor:
-    M = D.mT @ ((gW + gW.mT) * 0.5) @ D
-    K = -1.0 / (s.unsqueeze(-1) * s.unsqueeze(-2) * (s.unsqueeze(-1) + s.unsqueeze(-2)))
-    return D @ (M * K) @ D.mT
+def _zca_backward(D: Tensor, s: Tensor, gW: Tensor, scale: float = 1.0) -> Tensor:
+    """``scale`` dL/dSigma (the module docstring's form), from dL/dW."""
+    M = D.mT @ (gW + gW.mT) @ D
+    si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+    # M o K with K = -1 / (s_i s_j (s_i + s_j)), the 1/2 of sym() and the scale folded in.
+    M = M.div_((si * sj).mul_(si + sj).mul_(-2 / scale))
+    return D @ M @ D.mT
 
 
 def _pca_forward(D: Tensor, s: Tensor) -> Tensor:
@@ -913,24 +933,26 @@ def _apply(M: Tensor, v: Tensor) -> Tensor:
 #   No ones column here: its strided fill costs more than the separate sum and the bias term of
 #   baddbmm, and a row of g + 1 floats misaligns every row of the GEMMs.
 # - Spatial input with small maps (at most _GROUP_MAJOR_EXTENT values per sample and channel, see
-#   _by_groups): (G, N, L, g), one (N L x g) matrix per group. Per-sample batches of (L x g) blocks
-#   are then too small for BLAS, and their per-sample copies of the whitening matrix and per-sample
-#   products outweigh the data; the price is a transposing copy of the output, and of dL/dy and the
-#   input gradient in the backward.
+#   _by_groups): group-major and channel-major, (G, g, N, L), one row-major (g x N L) matrix per
+#   group. Per-sample batches of (L x g) blocks are then too small for BLAS, and their per-sample
+#   copies of the whitening matrix and per-sample products outweigh the data. The price is a copy of
+#   the output, and of dL/dy and the input gradient in the backward, between (N, C, L) and (C, N, L):
+#   rows of L contiguous values moved whole, 2-4x faster on CPU than the element-wise transposes of a
+#   sample-major (N L x g) layout.
 _GROUP_MAJOR_EXTENT = 16
 
 
 def _by_groups(x: Tensor) -> bool:
-    """Whether the step keeps spatial input ``x`` group-major, ``(G, N, L, g)`` (small maps)."""
+    """Whether the step keeps spatial input ``x`` group-major, ``(G, g, N, L)`` (small maps)."""
     return x.dim() > 2 and math.prod(x.shape[2:]) <= _GROUP_MAJOR_EXTENT
 
 
 def _centred(xv: Tensor, mean: Tensor, by_groups: bool = False) -> Tensor:
-    """The sample-major buffer of the grouped input ``xv`` (N, G, g[, L]) minus its ``mean`` (G, g)."""
+    """The step's buffer (layouts above) of the grouped input ``xv`` (N, G, g[, L]) minus its ``mean`` (G, g)."""
     n, G, g = xv.shape[:3]
     if by_groups:
-        xa = xv.new_empty((G, n, xv.size(3), g))
-        torch.sub(xv, mean.unsqueeze(-1), out=xa.permute(1, 0, 3, 2))
+        xa = xv.new_empty((G, g, n, xv.size(3)))
+        torch.sub(xv, mean.unsqueeze(-1), out=xa.permute(2, 0, 1, 3))
         return xa
     if xv.dim() == 3:
         xa = xv.new_empty((n, G, g + 1))
@@ -950,8 +972,8 @@ def _per_sample(M: Tensor, n: int) -> Tensor:
 def _scatter(xa: Tensor, g: int, by_groups: bool = False) -> Tensor:
     """Per group, ``sum Xc Xc^T`` over the samples: (G, g, g)."""
     if by_groups:
-        rows = xa.flatten(1, 2)
-        return torch.bmm(rows.mT, rows)
+        rows = xa.flatten(2)
+        return torch.bmm(rows, rows.mT)
     if xa.dim() == 3:
         rows = xa.transpose(0, 1)[..., :g]
         return torch.bmm(rows.mT, rows)
@@ -969,9 +991,8 @@ def _affine(
     a transposing copy); so for group-major spatial input. For sample-major spatial input the GEMM
     writes into ``out`` (N * G, g, L) when given, and ``flat`` returns it in that shape."""
     if by_groups:
-        G, n, L = xa.shape[:3]
-        rows = torch.baddbmm(b.unsqueeze(1), xa.flatten(1, 2), M.mT)
-        return rows.view(G, n, L, -1).permute(1, 0, 3, 2)
+        rows = torch.baddbmm(b.unsqueeze(-1), M, xa.flatten(2))
+        return rows.view(xa.shape).permute(2, 0, 1, 3)
     if xa.dim() == 3:
         return torch.bmm(xa.transpose(0, 1), torch.cat([M, b.unsqueeze(-1)], -1).mT).transpose(0, 1)
     n = xa.size(0)
@@ -985,8 +1006,8 @@ def _grad_products(gv: Tensor, xa: Tensor, by_groups: bool = False) -> tuple[Ten
     """Per group, ``sum dL/dy Xc^T`` (G, g, g) and ``sum dL/dy`` (G, g), for ``gv`` in the grouped layout
     (group-major: laid out as ``xa``)."""
     if by_groups:
-        rows = gv.reshape(gv.size(0), -1, gv.size(-1))  # (reshape: batched gradients have a rule for it)
-        return torch.bmm(rows.mT, xa.flatten(1, 2)), rows.sum(1)
+        rows = gv.reshape(*gv.shape[:2], -1)  # (reshape: batched gradients have a rule for it)
+        return torch.bmm(rows, xa.flatten(2).mT), rows.sum(-1)
     n, G, g = gv.shape[:3]
     if gv.dim() == 3:
         Pa = torch.bmm(gv.transpose(0, 1).mT, xa.transpose(0, 1))
@@ -999,10 +1020,9 @@ def _input_grad(M: Tensor, b: Tensor, At: Tensor, gv: Tensor, xa: Tensor, by_gro
     """Per group, ``M_k Xc + b_k + At_k dL/dy`` in the grouped layout (N, G, g[, L])."""
     # Accumulated into the contiguous GEMM result of _affine.
     if by_groups:
-        G, n, L = xa.shape[:3]
-        rows = torch.baddbmm(b.unsqueeze(1), xa.flatten(1, 2), M.mT)
-        rows = rows.baddbmm_(gv.reshape(G, n * L, -1), At.mT)
-        return rows.view(G, n, L, -1).permute(1, 0, 3, 2)
+        rows = torch.baddbmm(b.unsqueeze(-1), M, xa.flatten(2))
+        rows = rows.baddbmm_(At, gv.reshape(*gv.shape[:2], -1))
+        return rows.view(xa.shape).permute(2, 0, 1, 3)
     if gv.dim() == 3:
         out = _affine(M, b, xa)
         out.transpose(0, 1).baddbmm_(gv.transpose(0, 1), At.mT)
@@ -1033,9 +1053,8 @@ def _regularized(cov: Tensor, eps: float, mask: Tensor | None, method: str) -> T
     that ``Sigma_N`` is the identity there and the iterate stays the identity; for zca/pca it is
     larger than every real eigenvalue, so the padding eigenvectors come last and stay separate.
     """
-    eye = torch.eye(cov.size(-1), dtype=cov.dtype, device=cov.device)
     if mask is None:
-        return cov + eps * eye
+        return torch.add(cov, identity(cov.size(-1), cov.device, cov.dtype), alpha=eps)
     sigma = cov * (mask.unsqueeze(-1) * mask.unsqueeze(-2)) + torch.diag_embed(eps * mask)
     with torch.no_grad():
         trace = (sigma.diagonal(dim1=-2, dim2=-1) * mask).sum(-1, keepdim=True)

@@ -29,6 +29,7 @@ __all__ = [
     "inference_batch_norm",
     "channel_moments",
     "constant",
+    "identity",
     "memory_format_of",
     "channel_shape",
     "in_format_of",
@@ -257,6 +258,19 @@ def _cached_constant(value: float | tuple[float, ...], device: torch.device, dty
     return torch.tensor(value, device=device, dtype=dtype)
 
 
+def identity(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The ``n x n`` identity matrix, made once per (n, device, dtype) as :func:`constant` makes its
+    tensors; never modify it."""
+    if torch.compiler.is_compiling():
+        return torch.eye(n, device=device, dtype=dtype)
+    return _cached_identity(n, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_identity(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.eye(n, device=device, dtype=dtype)
+
+
 def memory_format_of(x: Tensor) -> torch.memory_format:
     """The memory format ``x`` is laid out in (channels_last for 4-D/5-D NHWC tensors)."""
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -294,16 +308,18 @@ def channel_shape(x: Tensor) -> tuple[int, ...]:
     return (1, -1) + (1,) * (x.dim() - 2)
 
 
-@torch.no_grad()
 def ema(running: Tensor, value: Tensor, factor: Tensor | float) -> None:
-    """In place ``running <- (1 - factor) * running + factor * value`` (in ``running``'s dtype)."""
+    """In place ``running <- (1 - factor) * running + factor * value`` (in ``running``'s dtype).
+
+    Records no graph in grad mode either (``value`` is detached; ``running`` is a buffer): no
+    ``no_grad`` context, whose entry and exit cost as much as the update at small sizes.
+    """
     value = value.detach().to(running.dtype)
     if isinstance(factor, Tensor):
         factor = factor.to(running.dtype)
     running.lerp_(value, factor)
 
 
-@torch.no_grad()
 def running_update(
     running_mean: Tensor,
     running_var: Tensor | None,
@@ -319,7 +335,7 @@ def running_update(
     """
     ema(running_mean, mean, factor)
     if running_var is not None:
-        ema(running_var, var * (count / (count - 1)), factor)
+        ema(running_var, var.detach() * (count / (count - 1)), factor)
 
 
 def params_in(dtype: torch.dtype, *params: Tensor | None) -> tuple[Tensor | None, ...]:
