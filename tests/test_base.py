@@ -34,6 +34,7 @@ def _reference_stats(x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_scratch", [False, True])
 def test_channel_stats_two_pass_path_matches_definition(monkeypatch, chunk_bytes, dtype, with_scratch):
+    monkeypatch.setattr(base, "_WHOLE_BYTES", 0)
     monkeypatch.setattr(base, "_CHUNK_BYTES", chunk_bytes)
     # Far from zero, so that a one-pass sum of squares would have lost the variance.
     x = torch.randn(7, 3, 4, 5, dtype=dtype) * 0.5 + 1000
@@ -98,6 +99,7 @@ def test_two_pass_stats_needs_samples_and_spatial_extent():
 def test_channel_stats_property(n, c, spatial, chunk_bytes, scale):
     x = torch.randn(n, c, *spatial, dtype=torch.float64) * scale + 3
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(base, "_WHOLE_BYTES", 0)
         patch.setattr(base, "_CHUNK_BYTES", chunk_bytes)
         mean, var = channel_stats(x)
     ref_mean, ref_var = _reference_stats(x)

@@ -127,6 +127,10 @@ class BatchRenorm(NormBase):
         )
         return y, BatchStats(mean, None, x.numel() // x.size(1), (sigma_b, sigma))
 
+    def guarded_statistics(self, stats: BatchStats) -> tuple[Any, ...]:
+        """``mu_B`` and ``sigma_B``: the batch's own statistics (``sigma`` comes from the running ones)."""
+        return stats.mean, stats.extra[0]
+
     def update_running(self, stats: BatchStats) -> None:
         factor = self.step_factor()
         if isinstance(factor, Tensor):

@@ -77,8 +77,13 @@ def accumulation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-# Bytes per chunk of channel_stats' two-pass path: a chunk stays in cache between its two passes.
-_CHUNK_BYTES = 1 << 21
+# channel_stats' two passes run over the whole input up to _WHOLE_BYTES, which stays in the last-level
+# cache between them; a larger input goes in chunks of _CHUNK_BYTES, which stay in a core's own
+# cache. (On a 2-core EPYC with 1 MiB of L2 per core and 32 MiB of L3, at 2 threads: 16x64x32x32
+# whole 140 us against 190 us in 2 MiB chunks; 64x64x32x32 in 1 MiB chunks 1.23 ms against 1.37 ms
+# whole.)
+_WHOLE_BYTES = 1 << 23
+_CHUNK_BYTES = 1 << 20
 
 
 def two_pass_stats(x: Tensor) -> bool:
@@ -152,7 +157,8 @@ def inference_batch_norm(
 def _two_pass_stats(x: Tensor, scratch: Tensor | None) -> tuple[Tensor, Tensor]:
     dims = reduce_dims(x)
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    rows = max(1, _CHUNK_BYTES // (x[0].numel() * x.element_size()))
+    whole = x.numel() * x.element_size() <= _WHOLE_BYTES
+    rows = x.size(0) if whole else max(1, _CHUNK_BYTES // (x[0].numel() * x.element_size()))
     if scratch is None or scratch.shape != x.shape or not scratch.is_contiguous():
         scratch = torch.empty_like(x[:rows], memory_format=torch.contiguous_format)
     if rows >= x.size(0):
