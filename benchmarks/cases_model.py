@@ -9,7 +9,9 @@ batches and micro-batches of 4 in the ResNet's batch of 16, of 32 in the MLP's 5
 times the BatchNorm model plus the one computation every exact CBN step adds to it (the derivatives of
 each normalized input's statistics with respect to its producer's weights), so that the cbn row can be
 read against what is unavoidable; a "floor of exact cbn" row adds the reading of a full window that
-the paper's exact per-slot pooling needs at every step. A "floor of bkn" row times ghost BN (BKN's
+the paper's exact per-slot pooling needs at every step, and a "floor of aggregated cbn" row instead the
+least that an approximate window pooled from the sum of its slots would add (keeping that sum, and its
+dot with the weights). A "floor of bkn" row times ghost BN (BKN's
 micro-batches) plus the products every linked BKN layer adds: its prediction through the producer's
 weights and that product's backward.
 """
@@ -140,16 +142,28 @@ def _cases(name: str, build, shape: tuple[int, ...]) -> list[Case]:
             )
         )
     window = KINDS["cbn"][0]["window"]
-    for label, slots in (
-        ("floor of cbn: BatchNorm + dmu/dW, dnu/dW", 0),
-        (f"floor of exact cbn (window={window}): BatchNorm + dmu/dW, dnu/dW + {window - 1} slot dots", window - 1),
+    for label, slots, aggregated in (
+        ("floor of cbn: BatchNorm + dmu/dW, dnu/dW", 0, False),
+        (
+            f"floor of exact cbn (window={window}): BatchNorm + dmu/dW, dnu/dW + {window - 1} slot dots",
+            window - 1,
+            False,
+        ),
+        (
+            f"floor of aggregated cbn (window={window}): BatchNorm + dmu/dW, dnu/dW + the slots' running sum "
+            "and its dot",
+            window - 1,
+            True,
+        ),
     ):
         cases.append(
             Case(
                 f"model: {name}",
                 label,
                 shape,
-                lambda slots=slots: _train_step(_with_derivatives(build(), slots), shape),
+                lambda slots=slots, aggregated=aggregated: _train_step(
+                    _with_derivatives(build(), slots, aggregated), shape
+                ),
                 lambda: _train_step(copy.deepcopy(build()), shape),
                 baseline_label="BatchNorm (whole model)",
             )
@@ -206,21 +220,34 @@ def _with_transitions(name: str, build) -> nn.Module:
     return model
 
 
-def _with_derivatives(model: nn.Module, slots: int = 0) -> nn.Module:
+def _with_derivatives(model: nn.Module, slots: int = 0, aggregated: bool = False) -> nn.Module:
     """The BatchNorm model computing, in each training step, what any exact CBN step must add to it: the
     closed-form derivatives of each BatchNorm input's mean and mean square with respect to the weights of
     the layer that produced it (one weight gradient of that layer per step). With ``slots``, also the
     reading of a full window: each stored iteration's dnu/dW (weight-sized) dotted with the current
     weights, per channel, which the paper's per-slot max(nu, mu^2) needs at every step (it is not linear,
-    so the slots cannot be summed beforehand). No pooling, no storing."""
+    so the slots cannot be summed beforehand). No pooling, no storing.
+
+    ``aggregated``: instead, the least an approximate window pooled after summing its slots must do: keep
+    the sum of the last ``slots`` dnu/dW (add this step's, subtract the one that leaves the window, store
+    this step's in its place) and dot that sum with the current weights."""
     producers = [m for m in model.modules() if isinstance(m, COMPENSATED)][:-1]  # not the classifier
     window = {p: torch.randn(slots, *p.weight.shape) for p in producers}
+    total = {p: window[p].sum(0) for p in producers}
+    steps = dict.fromkeys(producers, 0)
 
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if module.training:
             count = torch.tensor(float(out.numel() // out.size(1)))
-            producer_derivatives(module, args[0].detach(), out.detach(), count)
+            _, dsq = producer_derivatives(module, args[0].detach(), out.detach(), count)
             weight = module.weight.detach().flatten(1)
+            if aggregated:
+                leaving = window[module][steps[module] % slots]
+                total[module].add_(dsq).sub_(leaving)
+                leaving.copy_(dsq)
+                steps[module] += 1
+                torch.linalg.vecdot(total[module].flatten(1), weight)
+                return
             for slot in window[module]:  # slot by slot, as the layer reads large windows
                 torch.linalg.vecdot(slot.flatten(1), weight)
 
