@@ -717,3 +717,21 @@ def test_save_window_false_leaves_the_window_out_of_checkpoints():
     assert int(fresh.num_steps) == 5 and int(fresh.window_count) == 0
     lean.load_state_dict(lean.state_dict())
     assert int(lean.window_count) == 0  # a load empties a window the checkpoint does not describe
+
+
+def test_overflowing_derivative_sums_leave_the_window_alone():
+    # Finite statistics (the producer's output is 1 everywhere) from inputs whose sums against that
+    # output overflow float32: this step's derivatives are not finite, so the guard stores nothing.
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1e-36)
+    layer = normlab.CrossIterationBatchNorm(1, window=3).attach(conv)
+    x = torch.full((8, 1, 8, 8), 1e36)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="CrossIterationBatchNorm: a training batch gave non-finite"):
+        y = layer(conv(x))
+    assert torch.isfinite(y).all()
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    layer(conv(torch.randn(8, 1, 8, 8)))  # and it trains on
+    assert int(layer.window_count) == 1 and torch.isfinite(layer.window_dsqmean).all()

@@ -234,7 +234,7 @@ class CrossIterationBatchNorm(NormBase):
         if w is None or isinstance(w, nn.parameter.UninitializedParameter):
             return (c, 0), (1, 0)
         groups = getattr(p, "groups", 1)
-        fan_in = w[0].numel()
+        fan_in = w.numel() // w.size(0)  # (not w[0].numel(): an indexing op at every step)
         return (c, fan_in), (groups, fan_in)
 
     @torch.no_grad()
@@ -348,35 +348,46 @@ class CrossIterationBatchNorm(NormBase):
                 "(pair it with attach(conv) or normlab.convert)",
                 stacklevel=5,
             )
-        past_mean, past_sqmean, valid = self._window_statistics()
-        valid = valid & burnt_in
-        y, mean, var, count = _pooled_step(x, self.weight, self.bias, past_mean, past_sqmean, self.eps, group, valid)
         sums = None
         if captured is not None:
             dt = self.window_mean.dtype
             sums = _derivative_sums(self.producer, captured[0].detach().to(dt), x.detach().to(dt), group)
-        return y, BatchStats(mean, var, count, (burnt_in, sums))
+        # This step's derivative sums go along, so that the one reading of the weights serves the
+        # window's Taylor step and this iteration's intercepts (their products with W, `new`).
+        past_mean, past_sqmean, valid, new = self._window_statistics(sums)
+        valid = valid & burnt_in
+        y, mean, var, count = _pooled_step(x, self.weight, self.bias, past_mean, past_sqmean, self.eps, group, valid)
+        return y, BatchStats(mean, var, count, (burnt_in, sums, new))
+
+    def guarded_statistics(self, stats: BatchStats) -> tuple[Any, ...]:
+        """The batch's mean and variance and, windowed, this step's derivative sums by way of their
+        products with the weights (``(1, C)`` each; not finite whenever the sums are not), rather than
+        the weight-sized sums themselves, which would cost a pass over them."""
+        return (stats.mean, stats.var, stats.extra[2]) if stats.extra else (stats.mean, stats.var)
 
     def record_step(self, stats: BatchStats) -> None:
         """The running statistics, this iteration into the window (when burnt in), and the step count."""
         super().record_step(stats)
         if stats.extra:
-            burnt_in, sums = stats.extra
-            self._push(burnt_in, stats.mean, stats.var, sums, stats.count)
+            burnt_in, sums, new = stats.extra
+            self._push(burnt_in, stats.mean, stats.var, sums, stats.count, new)
         self.num_steps.add_(1)
 
     @torch.no_grad()
-    def _window_statistics(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _window_statistics(
+        self, sums: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """Every slot's mean and mean square moved to the producer's current weights, ``(k-1, C)`` each,
-        and which slots are filled, ``(k-1,)`` (unpaired: the stored values as they are)."""
+        which slots are filled, ``(k-1,)`` (unpaired: the stored values as they are), and with this
+        step's derivative ``sums``, their products with the current weights (see :func:`_taylor_step`)."""
         valid = torch.arange(self.window - 1, device=self.window_count.device) < self.window_count
         mean, sqmean = self.window_mean, self.window_sqmean
         p = self.producer
         if p is None:
-            return mean, sqmean, valid
+            return mean, sqmean, valid, None
         bias = None if p.bias is None else p.bias.detach()
         weight = p.weight.detach().reshape(self.num_features, -1)
-        mean_t, sqmean_t = _taylor_step(
+        mean_t, sqmean_t, new = _taylor_step(
             self.window_intercept[0],
             self.window_intercept[1],
             mean,
@@ -384,8 +395,9 @@ class CrossIterationBatchNorm(NormBase):
             self.window_dsqmean,
             weight,
             bias,
+            sums,
         )
-        return mean_t, sqmean_t, valid
+        return mean_t, sqmean_t, valid, new
 
     @torch.no_grad()
     def past_statistics(self) -> tuple[Tensor, Tensor]:
@@ -393,7 +405,7 @@ class CrossIterationBatchNorm(NormBase):
 
         ``n = min(window_count, window - 1)``, the filled slots; unpaired, the stored values as they are.
         """
-        mean, sqmean, valid = self._window_statistics()
+        mean, sqmean, valid, _ = self._window_statistics()
         return mean[valid], sqmean[valid]
 
     def _checked_capture(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -419,14 +431,28 @@ class CrossIterationBatchNorm(NormBase):
 
     @torch.no_grad()
     def _push(
-        self, burnt_in: Tensor, mean: Tensor, var: Tensor, sums: tuple[Tensor, Tensor] | None, count: Tensor | float
+        self,
+        burnt_in: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        sums: tuple[Tensor, Tensor] | None,
+        count: Tensor | float,
+        products: tuple[Tensor, Tensor] | None,
     ) -> None:
         """Store this iteration's statistics, derivatives and Taylor-step intercepts in the oldest slot.
 
-        The slot (``window_count`` modulo ``k - 1``) is a tensor index; a step that is still in the
-        burn-in (``burnt_in`` false, compiled only) writes nothing and does not count.
+        ``products`` are the derivative ``sums``' products with the weights this iteration ran with
+        (:func:`_taylor_step`'s ``new``).
+
+        The slot is ``window_count`` modulo ``k - 1`` (read on the host eagerly, a tensor index traced);
+        a step that is still in the burn-in (``burnt_in`` false, compiled only) writes nothing and does
+        not count.
         """
         slot = (self.window_count % (self.window - 1)).reshape(1)
+        if not torch.compiler.is_compiling():
+            # Eagerly the host has read the burn-in flag already; with the slot on the host too, a
+            # weight-sized slot is written in one pass (scaled on the way), not staged in a temporary.
+            slot = int(slot)
         sqmean = torch.addcmul(var, mean, mean)
         _write_slot(self.window_mean, slot, mean, burnt_in)
         _write_slot(self.window_sqmean, slot, sqmean, burnt_in)
@@ -434,19 +460,14 @@ class CrossIterationBatchNorm(NormBase):
         if sums is not None and p is not None:
             # The derivatives are the sums over the count samples (and 2 / m for nu), scaled in the store.
             scale = 1 / count
-            dmean, dsqmean = sums[0] * scale, sums[1] * (2 * scale)
-            _write_slot(self.window_dmean, slot, dmean, burnt_in)
-            _write_slot(self.window_dsqmean, slot, dsqmean, burnt_in)
+            _write_slot(self.window_dmean, slot, sums[0], burnt_in, scale)
+            _write_slot(self.window_dsqmean, slot, sums[1], burnt_in, 2 * scale)
             # The intercepts with the weights this iteration ran with (the producer's, not yet stepped).
-            c = self.num_features
+            c, dt = self.num_features, self.window_mean.dtype
             bias = None if p.bias is None else p.bias.detach()
-            intercepts = _intercepts(
-                mean.to(dmean.dtype).reshape(1, c),
-                sqmean.to(dmean.dtype).reshape(1, c),
-                dmean.reshape(1, *self.window_dmean.shape[1:]),
-                dsqmean.reshape(1, *self.window_dsqmean.shape[1:]),
-                p.weight.detach().reshape(c, -1),
-                bias,
+            d_mu, d_nu = products
+            intercepts = _intercepts_of(
+                mean.to(dt).reshape(1, c), sqmean.to(dt).reshape(1, c), d_mu * scale, d_nu * (2 * scale), bias
             )
             _write_slot(self.window_intercept.transpose(0, 1), slot, torch.cat(intercepts), burnt_in)
         self.window_count.add_(burnt_in.to(self.window_count.dtype))
@@ -547,7 +568,7 @@ def compensate(
     if bias is None or old_bias is None:
         bias = old_bias = None
     mean_0, sqmean_0 = _slot_intercepts(mean, sqmean, dmean, dsqmean, old_weight, old_bias)
-    return _taylor_step(mean_0, sqmean_0, mean, dmean, dsqmean, weight.reshape(mean.size(1), -1), bias)
+    return _taylor_step(mean_0, sqmean_0, mean, dmean, dsqmean, weight.reshape(mean.size(1), -1), bias)[:2]
 
 
 # ----------------------------------------------------------------------------------- pairing
@@ -731,15 +752,25 @@ _POOLED = FusedStep(
 )
 
 
-def _write_slot(buf: Tensor, slot: Tensor, value: Tensor, keep: Tensor) -> None:
-    """``buf[slot] = value`` where ``keep`` (0-d bool) is true, for a one-element index tensor ``slot``."""
-    value = value.reshape(1, *buf.shape[1:]).to(buf.dtype)
-    if not torch.compiler.is_compiling():
-        # Eager steps reach the window only once the host has seen the burn-in end (keep is true):
-        # one write, without reading the old slot back (the derivative slots are weight-sized).
-        buf.index_copy_(0, slot, value)
-        return
+def _write_slot(
+    buf: Tensor, slot: int | Tensor, value: Tensor, keep: Tensor, scale: Tensor | float | None = None
+) -> Tensor:
+    """``buf[slot] = value`` (times ``scale``) where ``keep`` (0-d bool) is true; returns what is written,
+    ``(1, *buf.shape[1:])``.
+
+    ``slot`` is an int in eager mode, whose steps reach the window only once the host has seen the
+    burn-in end (``keep`` is true): one write into the slot, without reading it back (the derivative
+    slots are weight-sized). Traced, it is a one-element index tensor and the write is masked by ``keep``.
+    """
+    value = value.reshape(1, *buf.shape[1:])
+    if isinstance(slot, int):
+        dest = buf[slot : slot + 1]
+        if scale is None:
+            return dest.copy_(value)
+        return torch.mul(value, scale, out=dest)
+    value = (value if scale is None else value * scale).to(buf.dtype)
     buf.index_copy_(0, slot, torch.where(keep, value, buf.index_select(0, slot)))
+    return value
 
 
 def _pool(mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -829,15 +860,19 @@ def _weight_terms(weight: Tensor, dmean: Tensor, dsqmean: Tensor) -> tuple[Tenso
     ``weight`` is ``W`` as ``(C, F)``, the same for all slots, ``dmean`` is ``(n, groups, F)`` and
     ``dsqmean`` ``(n, C, F)``. One batched matmul each, over the whole window.
     """
-    n, groups, fan_in = dmean.shape
-    c = dsqmean.size(1)
     weight = weight.to(dmean.dtype)
+    return _mean_terms(weight, dmean), _slot_dots(dsqmean, weight)
+
+
+def _mean_terms(weight: Tensor, dmean: Tensor) -> Tensor:
+    """``d mu / d W . W`` per slot and channel, ``(n, C)``: one matmul (a reading of ``W``) for all ``n``."""
+    n, groups, fan_in = dmean.shape
+    c = weight.size(0)
     if groups == 1:
-        d_mu = dmean.view(n, fan_in).mm(weight.t())
-    else:  # (groups, C/groups, F) @ (groups, F, n), back to (n, C)
-        d_mu = torch.matmul(weight.view(groups, c // groups, fan_in), dmean.permute(1, 2, 0))
-        d_mu = d_mu.permute(2, 0, 1).reshape(n, c)
-    return d_mu, _slot_dots(dsqmean, weight)
+        return dmean.view(n, fan_in).mm(weight.t())
+    # (groups, C/groups, F) @ (groups, F, n), back to (n, C)
+    d_mu = torch.matmul(weight.view(groups, c // groups, fan_in), dmean.permute(1, 2, 0))
+    return d_mu.permute(2, 0, 1).reshape(n, c)
 
 
 # Above this many elements per window, _slot_dots goes slot by slot (about 1 MiB of float32).
@@ -871,7 +906,13 @@ def _intercepts(
     statistics ``(n, C)`` whose producer had the weights ``weight`` ``(C, F)`` and ``bias`` ``(C,)``
     (the shapes as in :func:`_weight_terms`), so that :func:`_taylor_step` needs only the current ones.
     """
-    d_mu, d_nu = _weight_terms(weight, dmean, dsqmean)
+    return _intercepts_of(mean, sqmean, *_weight_terms(weight, dmean, dsqmean), bias)
+
+
+def _intercepts_of(
+    mean: Tensor, sqmean: Tensor, d_mu: Tensor, d_nu: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`_intercepts` from the products ``d mu / d W . W`` and ``d nu / d W . W``, ``(n, C)`` each."""
     mean_0, sqmean_0 = mean - d_mu, sqmean - d_nu
     if bias is not None:
         bias = bias.to(mean.dtype)
@@ -902,16 +943,35 @@ def _slot_intercepts(
 
 
 def _taylor_step(
-    mean_0: Tensor, sqmean_0: Tensor, mean: Tensor, dmean: Tensor, dsqmean: Tensor, weight: Tensor, bias: Tensor | None
-) -> tuple[Tensor, Tensor]:
+    mean_0: Tensor,
+    sqmean_0: Tensor,
+    mean: Tensor,
+    dmean: Tensor,
+    dsqmean: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    new: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """``mu_{t-tau}(theta_t)`` and ``nu_{t-tau}(theta_t)`` from the :func:`_intercepts` and the current ``W``, ``b``.
 
-    ``weight`` is ``W`` as ``(C, F)``; the other shapes as in :func:`_weight_terms`.
+    ``weight`` is ``W`` as ``(C, F)``; the other shapes as in :func:`_weight_terms`. ``new``, derivative
+    sums of another iteration (``(groups, *W.shape[1:])`` and ``W.shape``), also gets its products with
+    ``W``, ``(1, C)`` each (else ``None``): its mean term in the same matmul as the window's, so that ``W``
+    is read once for both.
     """
-    d_mu, d_nu = _weight_terms(weight, dmean, dsqmean)
+    n = dmean.size(0)
+    weight = weight.to(dmean.dtype)
+    if new is not None:
+        dmean = torch.cat([dmean, new[0].reshape(1, *dmean.shape[1:]).to(dmean.dtype)])
+    d_mu = _mean_terms(weight, dmean)
+    products = None
+    if new is not None:
+        products = (d_mu[n:], torch.linalg.vecdot(new[1].reshape(weight.shape).to(weight.dtype), weight).unsqueeze(0))
+        d_mu = d_mu[:n]
+    d_nu = _slot_dots(dsqmean, weight)
     mean_t, sqmean_t = mean_0 + d_mu, sqmean_0 + d_nu
     if bias is not None:
         bias = bias.to(mean.dtype)
         mean_t = mean_t + bias
         sqmean_t = torch.addcmul(sqmean_t, mean, bias, value=2)
-    return mean_t, sqmean_t
+    return mean_t, sqmean_t, products
