@@ -107,7 +107,7 @@ def test_matches_paper_reference(method, shape, group_size):
 
 
 @pytest.mark.parametrize("method", ["zca", "newton"])
-# 2-D input; maps of at most 16 values (the step's group-major layout: 15 and 6) and larger (sample-major: 20).
+# 2-D input; maps of at most 16 values (the step's group-major layout: 15 and 6) and larger (per sample: 20).
 @pytest.mark.parametrize(
     "shape,group_size", [((256, 48), 16), ((8, 32, 5, 3), 16), ((16, 20, 6), 8), ((4, 40, 5, 4), 16)]
 )
@@ -131,7 +131,7 @@ def test_float32_training_step_matches_float64_reference(method, shape, group_si
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("spatial", [(3, 4), (5, 4)])  # the group-major and the sample-major layout
+@pytest.mark.parametrize("spatial", [(3, 4), (5, 4)])  # the group-major and the per-sample layout
 def test_strided_input_and_gradient_without_affine(method, spatial):
     # A channels-last input and the zero-stride gradient of y.sum(), with no gamma/beta.
     x, _, _ = inputs((6, 8, *spatial), seed=6)
@@ -657,7 +657,7 @@ def test_training_output_is_not_a_view(shape):
 @pytest.mark.parametrize("method,spatial", [("zca", (3, 3)), ("newton", (3, 3)), ("zca", (5, 4))])
 def test_torch_compile_fullgraph_matches_eager(method, spatial):
     """The training step is a custom op under compile (its shape function: _step_fake, for the group-major
-    and the sample-major layout); eval is plain ops."""
+    and the per-sample layout); eval is plain ops."""
     eager = normlab.DecorrelatedBatchNorm(6, group_size=4, method=method)  # a padded group of 2
     compiled_layer = compiled_matches_eager(eager, (4, 6, *spatial), ("running_whitening", "running_mean"))
     compiled = torch.compile(compiled_layer, fullgraph=True)

@@ -65,8 +65,9 @@ below ``sqrt(machine eps) * l_max``. ``newton`` differentiates the matrix produc
 step, in the training step; by autograd elsewhere).
 
 The training step is one :class:`normlab.dispatch.FusedStep` (a hand-written backward), batched over
-groups, that keeps the centred input Xc sample-major (``Xc^T`` per group; for (N, C) input with a column
-of ones appended; for small maps one ``(g x N L)`` matrix per group, channel-major) for the backward:
+groups, that keeps the centred input Xc for the backward (for (N, C) input sample-major, ``Xc^T`` per
+group with a column of ones appended; for maps, ``(g x L)`` per sample and group as the input lies, or
+for small maps one ``(g x N L)`` matrix per group):
 the forward makes the mean, the centring, the covariance GEMM and the whitening GEMM
 ``diag(gamma) W Xc + beta`` (affine included); the backward the GEMM ``dL/dy Xc^T`` (which gives
 ``dL/dW`` and ``dL/dgamma``), the sum of ``dL/dy`` (on the ones column for (N, C) input) and the input
@@ -602,8 +603,8 @@ def _step_forward(
     method: str,
     iterations: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, cov, W, xa, mats, vec)`` of the local step: ``xa`` (the centred input, sample-major;
-    group-major for small maps, :func:`_by_groups`), ``mats`` and ``vec`` (the eigenvectors ``(1, G, g,
+    """``(y, mean, cov, W, xa, mats, vec)`` of the local step: ``xa`` (the centred input in the layouts
+    described above :func:`_by_groups`), ``mats`` and ``vec`` (the eigenvectors ``(1, G, g,
     g)`` and ``sqrt(lambda)``, or the Newton iterates and the traces) are what the backward reads."""
     c = x.size(1)
     xv = _grouped(x.to(stat_dtype(x)), G, g)
@@ -629,7 +630,7 @@ def _step_forward(
         if by_groups:
             y.view(xa.size(2), G, g, xa.size(3)).copy_(_affine(A, beta, xa, by_groups=True))
         else:
-            _affine(A, beta, xa, out=y.view(xa.size(0) * G, g, xa.size(2)))
+            _affine(A, beta, xa, out=y.view(xa.size(0) * G, g, xa.size(3)))
     else:
         y = _fresh(_ungrouped(_affine(A, beta, xa, by_groups=by_groups), x.shape).to(x.dtype))
     return _like_input(y, x), mean.reshape(-1)[:c].clone(), cov, W, xa, mats, vec
@@ -641,7 +642,7 @@ def _step_fake(x, weight, bias, G, g, eps, method, iterations):  # noqa: ANN001,
         xa = x.new_empty((n, G, g + 1), dtype=sdt)
     else:
         L = math.prod(x.shape[2:])
-        xa = x.new_empty((G, g, n, L) if _by_groups(x) else (n, G, L, g), dtype=sdt)
+        xa = x.new_empty((G, g, n, L) if _by_groups(x) else (n, G, g, L), dtype=sdt)
     k = 3 * (iterations - 1) + 2 if method == "newton" else 1
     mat = x.new_empty((G, g, g), dtype=sdt)
     vec = x.new_empty((G, 1, 1) if method == "newton" else (G, g), dtype=sdt)
@@ -923,24 +924,24 @@ def _apply(M: Tensor, v: Tensor) -> Tensor:
     return torch.matmul(M, v)
 
 
-# The training step keeps the centred input Xc in a sample-major buffer, so that each group of each
-# sample is a row-major (samples x g) matrix Xc^T: BLAS is several times faster on such operands
-# (Xc Xc^T as a product of transposed row-major matrices, dL/dy Xc^T as a plain product) than on
-# channel-major ones.
-# - 2-D input: (N, G, g + 1), with a column of ones appended to each group, which folds the
-#   per-channel constants into the GEMMs: [A | b] [Xc; 1] is the whitening with its bias, and
-#   dL/dy [Xc^T, 1] gives dL/dy Xc^T and the sum of dL/dy in one product.
-# - Spatial input: (N, G, L, g), one (L x g) matrix per sample and group; the products are batched
-#   over samples and groups and read the input and its gradient in place, in their (N, C, L) layout.
-#   No ones column here: its strided fill costs more than the separate sum and the bias term of
-#   baddbmm, and a row of g + 1 floats misaligns every row of the GEMMs.
+# The training step keeps the centred input Xc in a buffer laid out for the step's GEMMs:
+# - 2-D input: sample-major, (N, G, g + 1), each group a row-major (samples x g) matrix Xc^T with a
+#   column of ones appended, which folds the per-channel constants into the GEMMs: [A | b] [Xc; 1] is
+#   the whitening with its bias, and dL/dy [Xc^T, 1] gives dL/dy Xc^T and the sum of dL/dy in one
+#   product.
+# - Spatial input: (N, G, g, L), as the input lies, one row-major (g x L) matrix per sample and
+#   group; the products are batched over samples and groups and read dL/dy in place. (A sample-major
+#   (N, G, L, g) buffer, once faster, costs an element-wise transpose to fill; with torch 2.13 on CPU
+#   the products on this layout are as fast, and centring, products and copies together take 0.8-0.9x
+#   the time at 8x8 to 32x32.) No ones row here: the separate sum and the bias term of baddbmm cost
+#   less than filling it.
 # - Spatial input with small maps (at most _GROUP_MAJOR_EXTENT values per sample and channel, see
 #   _by_groups): group-major and channel-major, (G, g, N, L), one row-major (g x N L) matrix per
 #   group. Per-sample batches of (L x g) blocks are then too small for BLAS, and their per-sample
 #   copies of the whitening matrix and per-sample products outweigh the data. The price is a copy of
 #   the output, and of dL/dy and the input gradient in the backward, between (N, C, L) and (C, N, L):
 #   rows of L contiguous values moved whole, 2-4x faster on CPU than the element-wise transposes of a
-#   sample-major (N L x g) layout.
+#   (G, N, L, g) layout.
 _GROUP_MAJOR_EXTENT = 16
 
 
@@ -961,9 +962,7 @@ def _centred(xv: Tensor, mean: Tensor, by_groups: bool = False) -> Tensor:
         xa[..., g].fill_(1.0)  # a fill, not an indexed assignment: the strided copy of a scalar is slow
         torch.sub(xv, mean, out=xa[..., :g])
         return xa
-    xa = xv.new_empty((n, G, xv.size(3), g))
-    torch.sub(xv, mean.unsqueeze(-1), out=xa.mT)
-    return xa
+    return torch.sub(xv, mean.unsqueeze(-1))
 
 
 def _per_sample(M: Tensor, n: int) -> Tensor:
@@ -980,7 +979,7 @@ def _scatter(xa: Tensor, g: int, by_groups: bool = False) -> Tensor:
         rows = xa.transpose(0, 1)[..., :g]
         return torch.bmm(rows.mT, rows)
     flat = xa.flatten(0, 1)
-    return torch.bmm(flat.mT, flat).reshape(*xa.shape[:2], g, g).sum(0)
+    return torch.bmm(flat, flat.mT).reshape(*xa.shape[:2], g, g).sum(0)
 
 
 def _affine(
@@ -990,15 +989,15 @@ def _affine(
 
     For 2-D input the GEMM is group-major and the result a transposed view of it (a GEMM writing each
     group's block into the (N, C) result in place is several times slower than one contiguous GEMM and
-    a transposing copy); so for group-major spatial input. For sample-major spatial input the GEMM
-    writes into ``out`` (N * G, g, L) when given, and ``flat`` returns it in that shape."""
+    a transposing copy); so for group-major spatial input. For other spatial input the GEMM writes
+    into ``out`` (N * G, g, L) when given, and ``flat`` returns it in that shape."""
     if by_groups:
         rows = torch.baddbmm(b.unsqueeze(-1), M, xa.flatten(2))
         return rows.view(xa.shape).permute(2, 0, 1, 3)
     if xa.dim() == 3:
         return torch.bmm(xa.transpose(0, 1), torch.cat([M, b.unsqueeze(-1)], -1).mT).transpose(0, 1)
     n = xa.size(0)
-    args = (_per_sample(b.unsqueeze(-1), n), _per_sample(M, n), xa.flatten(0, 1).mT)
+    args = (_per_sample(b.unsqueeze(-1), n), _per_sample(M, n), xa.flatten(0, 1))
     out = torch.baddbmm(*args) if out is None else torch.baddbmm(*args, out=out)
     # reshape, not unflatten: batched gradients (is_grads_batched, vmap) have a rule for it
     return out if flat else out.reshape(*xa.shape[:2], *out.shape[1:])
@@ -1014,7 +1013,7 @@ def _grad_products(gv: Tensor, xa: Tensor, by_groups: bool = False) -> tuple[Ten
     if gv.dim() == 3:
         Pa = torch.bmm(gv.transpose(0, 1).mT, xa.transpose(0, 1))
         return Pa[..., :g], Pa[..., g]
-    P = torch.bmm(gv.reshape(n * G, g, -1), xa.flatten(0, 1)).reshape(n, G, g, g).sum(0)
+    P = torch.bmm(gv.reshape(n * G, g, -1), xa.flatten(0, 1).mT).reshape(n, G, g, g).sum(0)
     return P, gv.sum((0, 3))
 
 
