@@ -178,3 +178,21 @@ def test_statistics_interface_for_torch_batchnorm():
         batch_moments(nn.BatchNorm2d(3, track_running_stats=False), x)
     with pytest.raises(ValueError, match="running statistics"):
         inference_affine(nn.LayerNorm(3))
+
+
+def test_functional_running_updates_record_no_graph():
+    # The functional forms run in grad mode, may take a momentum that requires grad, and update
+    # buffers the caller owns (here leaves that require grad): the update is outside any graph.
+    from normlab.cross_iteration import pooled_batch_norm
+    from normlab.mean_only import mean_only_batch_norm
+
+    x = torch.randn(8, 3, 4, 4)
+    momentum = torch.tensor(0.1, requires_grad=True)
+    for call in (
+        lambda rm, rv: pooled_batch_norm(x, rm, rv, training=True, momentum=momentum),
+        lambda rm, rv: mean_only_batch_norm(x, rm, None, training=True, momentum=momentum),
+    ):
+        running_mean, running_var = torch.zeros(3, requires_grad=True), torch.ones(3, requires_grad=True)
+        call(running_mean, running_var)
+        assert running_mean.grad_fn is None and running_var.grad_fn is None
+        assert not torch.equal(running_mean.detach(), torch.zeros(3))

@@ -107,6 +107,7 @@ def test_stacked_and_per_ghost_batch_paths_agree(monkeypatch, shape):
     g = torch.randn(shape)
     grads = torch.autograd.grad(out[0], (x, w, b), g)
     monkeypatch.setattr(kernels, "_STACKED_EXTENT", 0)
+    monkeypatch.setattr(kernels, "_STACKED_EXTENT_UNSWEPT", 0)
     assert not kernels.stacked_micro_batches(x, kernels.micro_batch_sizes(16, 4))
     ref = micro_batch_step(x, 4, w, b, 1e-5)
     for a, e in zip(out, ref):

@@ -754,9 +754,8 @@ _POOLED = FusedStep(
 
 def _write_slot(
     buf: Tensor, slot: int | Tensor, value: Tensor, keep: Tensor, scale: Tensor | float | None = None
-) -> Tensor:
-    """``buf[slot] = value`` (times ``scale``) where ``keep`` (0-d bool) is true; returns what is written,
-    ``(1, *buf.shape[1:])``.
+) -> None:
+    """``buf[slot] = value`` (times ``scale``) where ``keep`` (0-d bool) is true.
 
     ``slot`` is an int in eager mode, whose steps reach the window only once the host has seen the
     burn-in end (``keep`` is true): one write into the slot, without reading it back (the derivative
@@ -766,11 +765,12 @@ def _write_slot(
     if isinstance(slot, int):
         dest = buf[slot : slot + 1]
         if scale is None:
-            return dest.copy_(value)
-        return torch.mul(value, scale, out=dest)
+            dest.copy_(value)
+        else:
+            torch.mul(value, scale, out=dest)
+        return
     value = (value if scale is None else value * scale).to(buf.dtype)
     buf.index_copy_(0, slot, torch.where(keep, value, buf.index_select(0, slot)))
-    return value
 
 
 def _pool(mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:

@@ -66,7 +66,7 @@ step, in the training step; by autograd elsewhere).
 
 The training step is one :class:`normlab.dispatch.FusedStep` (a hand-written backward), batched over
 groups, that keeps the centred input Xc for the backward (for (N, C) input sample-major, ``Xc^T`` per
-group with a column of ones appended; for maps, ``(g x L)`` per sample and group as the input lies, or
+group with a column of ones appended; for maps, ``(g x L)`` per sample and group in the input's order, or
 for small maps one ``(g x N L)`` matrix per group):
 the forward makes the mean, the centring, the covariance GEMM and the whitening GEMM
 ``diag(gamma) W Xc + beta`` (affine included); the backward the GEMM ``dL/dy Xc^T`` (which gives
@@ -455,7 +455,8 @@ def decorrelated_batch_norm(
             group = eps
         _check_method("decorrelated_batch_norm", method, iterations)
         G, g = group_layout(x.size(1), group_size)
-        return _batch_step(x, running_mean, running_var, G, g, old_eps, method, iterations, group)
+        y, mean, cov, W, m = _batch_step(x, running_mean, running_var, G, g, old_eps, method, iterations, group)
+        return y, mean, cov, W, torch.as_tensor(m, dtype=cov.dtype, device=cov.device)
     momentum = 0.1 if momentum is UNSET else momentum
     eps = 1e-5 if eps is UNSET else eps
     _check_method("decorrelated_batch_norm", method, iterations)
@@ -518,10 +519,11 @@ def _batch_step(
     iterations: int,
     group: Any | None,
     composed: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | float]:
     """``(y, mean (C,), cov (G, g, g), W (G, g, g), m)`` of one training step (no running update).
 
-    ``m`` is the sample count per channel: a number locally, a tensor (the global count) over a group.
+    ``m`` is the sample count per channel: a number from the fused step, a tensor from the composed
+    one (the global count over a group).
 
     ``cov`` is the biased per-group covariance without ``eps`` and ``W`` the batch whitening matrices
     (padding as computed, not as stored). Locally the fused step below; over a process group (or
@@ -929,12 +931,13 @@ def _apply(M: Tensor, v: Tensor) -> Tensor:
 #   column of ones appended, which folds the per-channel constants into the GEMMs: [A | b] [Xc; 1] is
 #   the whitening with its bias, and dL/dy [Xc^T, 1] gives dL/dy Xc^T and the sum of dL/dy in one
 #   product.
-# - Spatial input: (N, G, g, L), as the input lies, one row-major (g x L) matrix per sample and
-#   group; the products are batched over samples and groups and read dL/dy in place. (A sample-major
-#   (N, G, L, g) buffer, once faster, costs an element-wise transpose to fill; with torch 2.13 on CPU
-#   the products on this layout are as fast, and centring, products and copies together take 0.8-0.9x
-#   the time at 8x8 to 32x32.) No ones row here: the separate sum and the bias term of baddbmm cost
-#   less than filling it.
+# - Spatial input: (N, G, g, L), contiguous, in the order of an (N, C, L) input (which fills it by a
+#   plain subtraction; a channels_last one by a transposing one), one row-major (g x L) matrix per
+#   sample and group; the products are batched over samples and groups and read dL/dy in place. (A
+#   sample-major (N, G, L, g) buffer, once faster, costs an element-wise transpose to fill; with
+#   torch 2.13 on CPU the products on this layout are as fast, and centring, products and copies
+#   together take 0.8-0.9x the time at 8x8 to 32x32.) No ones row here: the separate sum and the bias
+#   term of baddbmm cost less than filling it.
 # - Spatial input with small maps (at most _GROUP_MAJOR_EXTENT values per sample and channel, see
 #   _by_groups): group-major and channel-major, (G, g, N, L), one row-major (g x N L) matrix per
 #   group. Per-sample batches of (L x g) blocks are then too small for BLAS, and their per-sample
@@ -962,7 +965,9 @@ def _centred(xv: Tensor, mean: Tensor, by_groups: bool = False) -> Tensor:
         xa[..., g].fill_(1.0)  # a fill, not an indexed assignment: the strided copy of a scalar is slow
         torch.sub(xv, mean, out=xa[..., :g])
         return xa
-    return torch.sub(xv, mean.unsqueeze(-1))
+    # A contiguous buffer whatever the input's strides (a channels_last input's grouped view is not).
+    xa = xv.new_empty(xv.shape)
+    return torch.sub(xv, mean.unsqueeze(-1), out=xa)
 
 
 def _per_sample(M: Tensor, n: int) -> Tensor:

@@ -117,11 +117,12 @@ def channel_stats(x: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Ten
 
     The statistics of torch's batch norm (float32 for half inputs). On CPU, torch's batch-norm
     statistics kernel walks NCHW-contiguous inputs with a spatial extent at 2-3x the time of a plain
-    sum; for those (:func:`two_pass_stats`), two passes over cache-sized chunks of samples (the sum,
-    then the sum of squared deviations from the chunk's mean; chunks combined as in Chan, Golub and
-    LeVeque 1979) give the same statistics faster. Elsewhere (2-D, channels_last, half, GPU) torch's
-    kernel. ``scratch``, a contiguous buffer shaped like ``x`` that may be overwritten (say the output
-    about to be written), spares the two-pass path its temporary (at most a chunk).
+    sum; for those (:func:`two_pass_stats`), two passes (the sum, then the sum of squared deviations
+    from the mean) give the same statistics faster: over the whole input up to 8 MiB, over
+    cache-sized chunks of samples above (chunks combined as in Chan, Golub and LeVeque 1979).
+    Elsewhere (2-D, channels_last, half, GPU) torch's kernel. ``scratch``, a contiguous buffer shaped
+    like ``x`` that may be overwritten (say the output about to be written), spares the two-pass path
+    its temporary (the input's size, or a chunk's).
     """
     return _two_pass_stats(x, scratch) if two_pass_stats(x) else _native_stats(x)
 
@@ -319,11 +320,16 @@ def channel_shape(x: Tensor) -> tuple[int, ...]:
 
 
 def ema(running: Tensor, value: Tensor, factor: Tensor | float) -> None:
-    """In place ``running <- (1 - factor) * running + factor * value`` (in ``running``'s dtype).
+    """In place ``running <- (1 - factor) * running + factor * value`` (in ``running``'s dtype), without
+    autograd.
 
-    Records no graph in grad mode either (``value`` is detached; ``running`` is a buffer): no
-    ``no_grad`` context, whose entry and exit cost as much as the update at small sizes.
+    The layers call it without grad mode already; only a caller in grad mode (the functional forms,
+    whose ``momentum`` may be a tensor and whose buffers the user owns) enters a ``no_grad`` context,
+    whose entry and exit cost as much as the update at small sizes.
     """
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return ema(running, value, factor)
     value = value.detach().to(running.dtype)
     if isinstance(factor, Tensor):
         factor = factor.to(running.dtype)
@@ -341,11 +347,14 @@ def running_update(
     """BatchNorm's update: ``running_mean`` towards ``mean``, ``running_var`` towards the unbiased variance.
 
     ``var`` is the biased batch variance over ``count`` samples (``m``), so the unbiased one is
-    ``var * m / (m - 1)``; ``running_var`` may be ``None``.
+    ``var * m / (m - 1)``; ``running_var`` may be ``None``. Without autograd (see :func:`ema`).
     """
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return running_update(running_mean, running_var, mean, var, count, factor)
     ema(running_mean, mean, factor)
     if running_var is not None:
-        ema(running_var, var.detach() * (count / (count - 1)), factor)
+        ema(running_var, var * (count / (count - 1)), factor)
 
 
 def params_in(dtype: torch.dtype, *params: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -407,8 +416,11 @@ def micro_batch_norm(
 # kernel call on a transposed copy beats a call per micro-batch (ResNet shapes, 16 samples in
 # micro-batches of 4, forward and backward: 0.5-0.7x the time at 4x4 and 2x2). From 16 values up,
 # micro_batch_stats sweeps equal micro-batches at once, and at 8x8 (128 channels) the step without the
-# copy is then faster: 200 against 245 us above BatchNorm on 2 threads, 150 against 195 on one.
+# copy is then faster: 200 against 240-250 us above BatchNorm on 2 threads, 150 against 195 on one.
+# Where micro_batch_stats cannot sweep them (GPU, half precision, inputs above 8 MiB), stacking pays up
+# to 8x8 maps, as before that sweep.
 _STACKED_EXTENT = 16
+_STACKED_EXTENT_UNSWEPT = 64
 
 
 def _stacked(x: Tensor, groups: int) -> Tensor:
@@ -433,9 +445,18 @@ def stacked_micro_batches(x: Tensor, sizes: list[int]) -> bool:
     """Whether :func:`micro_batch_norm` normalizes the micro-batches ``sizes`` of ``x`` in one call.
 
     Several micro-batches of one size (no remainder) of a contiguous ``x`` with at most
-    ``_STACKED_EXTENT`` values per sample and channel.
+    ``_STACKED_EXTENT`` values per sample and channel, or at most ``_STACKED_EXTENT_UNSWEPT`` where
+    :func:`micro_batch_stats` cannot sweep them at once (GPU, half precision, inputs above 8 MiB).
     """
-    return len(sizes) > 1 and _equal_views(x, sizes) and x.numel() <= _STACKED_EXTENT * x.size(0) * x.size(1)
+    if len(sizes) < 2 or not _equal_views(x, sizes):
+        return False
+    extent = x.numel() // max(1, x.size(0) * x.size(1))
+    return extent <= _STACKED_EXTENT or (extent <= _STACKED_EXTENT_UNSWEPT and not _swept(x))
+
+
+def _swept(x: Tensor) -> bool:
+    """Whether :func:`micro_batch_stats` sweeps equal micro-batches of ``x`` all at once."""
+    return two_pass_stats(x) and _in_one_sweep(x)
 
 
 @torch.no_grad()
@@ -493,7 +514,7 @@ def micro_batch_stats(x: Tensor, sizes: list[int] | tuple[int, ...]) -> tuple[Te
     others that :func:`stacked_micro_batches` accepts take one call on their stacked copy.
     """
     with torch.no_grad():
-        if len(sizes) > 1 and _equal_views(x, sizes) and two_pass_stats(x) and _in_one_sweep(x):
+        if len(sizes) > 1 and _equal_views(x, sizes) and _swept(x):
             # 4 ops instead of 6 per micro-batch: at 16x64x16x16 in 4 micro-batches, 116 -> 46 us (2 threads).
             v = _grouped_view(x, len(sizes))
             m = v.size(1) * v.size(3)
