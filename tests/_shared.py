@@ -205,9 +205,14 @@ def resnet(**kwargs: Any) -> ResNet:
 
 
 def compiled_matches_eager(
-    eager: nn.Module, shape: tuple[int, ...], buffers: tuple[str, ...], steps: int = 3
+    eager: nn.Module,
+    shape: tuple[int, ...],
+    buffers: tuple[str, ...],
+    steps: int = 3,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> nn.Module:
-    """Train a copy of ``eager`` under ``torch.compile(fullgraph=True)`` beside it for ``steps`` steps.
+    """Train a copy of ``eager`` under ``torch.compile(fullgraph=True)`` beside it for ``steps`` steps,
+    on inputs in ``memory_format``.
 
     Outputs, input and weight gradients and the named ``buffers`` must agree. Returns the copy.
     """
@@ -218,6 +223,7 @@ def compiled_matches_eager(
     compiled = torch.compile(compiled_layer, fullgraph=True)
     for step in range(steps):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(step)) * 1.5 + 0.3
+        x = x.to(memory_format=memory_format)
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y1, y2 = eager(x1), compiled(x2)
         torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
