@@ -66,13 +66,12 @@ step, in the training step; by autograd elsewhere).
 
 The training step is one :class:`normlab.dispatch.FusedStep` (a hand-written backward), batched over
 groups, that keeps the centred input Xc for the backward (for (N, C) input sample-major, ``Xc^T`` per
-group with a column of ones appended; for maps, ``(g x L)`` per sample and group in the input's order, or
-for small maps one ``(g x N L)`` matrix per group):
-the forward makes the mean, the centring, the covariance GEMM and the whitening GEMM
-``diag(gamma) W Xc + beta`` (affine included); the backward the GEMM ``dL/dy Xc^T`` (which gives
-``dL/dW`` and ``dL/dgamma``), the sum of ``dL/dy`` (on the ones column for (N, C) input) and the input
-gradient ``(diag(gamma) W)^T (dL/dy - mean(dL/dy)) + (G_S + G_S^T)/m Xc`` as two GEMMs accumulated in
-one buffer.
+group with a column of ones appended; for maps, ``(g x L)`` per sample and group in the input's order,
+or for small maps one ``(g x N L)`` matrix per group): the forward makes the mean, the centring, the
+covariance GEMM and the whitening GEMM ``diag(gamma) W Xc + beta`` (affine included); the backward
+the GEMM ``dL/dy Xc^T`` (which gives ``dL/dW`` and ``dL/dgamma``), the sum of ``dL/dy`` (on the ones
+column for (N, C) input) and the input gradient ``(diag(gamma) W)^T (dL/dy - mean(dL/dy)) + (G_S +
+G_S^T)/m Xc`` as two GEMMs accumulated in one buffer.
 
 Distributed (``process_group`` set, see :func:`normlab.sync`): the count, per-channel sums and per-group
 sums of ``x x^T`` travel in one differentiable :func:`normlab.comm.global_sum`, so the mean and the
@@ -753,7 +752,7 @@ def _eig(sigma: Tensor, floor: float) -> tuple[Tensor, Tensor]:
         # Sigma >= eps I in exact arithmetic: the floor only removes rounding below it.
         return lam.clamp_min_(floor).sqrt_(), D
     bad = torch.isnan((sigma * 0).sum((-2, -1)))  # NaN or Inf anywhere in the group
-    eye = torch.eye(sigma.size(-1), dtype=sigma.dtype, device=sigma.device)
+    eye = identity(sigma.size(-1), sigma.device, sigma.dtype)
     lam, D = torch.linalg.eigh(torch.where(bad[..., None, None], eye, sigma))
     s = lam.clamp_min(floor).sqrt()
     return torch.where(bad[..., None], torch.nan, s), D
@@ -994,11 +993,12 @@ def _affine(
 
     For 2-D input the GEMM is group-major and the result a transposed view of it (a GEMM writing each
     group's block into the (N, C) result in place is several times slower than one contiguous GEMM and
-    a transposing copy); so for group-major spatial input. For other spatial input the GEMM writes
-    into ``out`` (N * G, g, L) when given, and ``flat`` returns it in that shape."""
+    a transposing copy); so for group-major spatial input, where ``flat`` returns the GEMM's
+    ``(G, g, N L)`` result itself. For other spatial input the GEMM writes into ``out`` (N * G, g, L)
+    when given, and ``flat`` returns it in that shape."""
     if by_groups:
         rows = torch.baddbmm(b.unsqueeze(-1), M, xa.flatten(2))
-        return rows.view(xa.shape).permute(2, 0, 1, 3)
+        return rows if flat else rows.view(xa.shape).permute(2, 0, 1, 3)
     if xa.dim() == 3:
         return torch.bmm(xa.transpose(0, 1), torch.cat([M, b.unsqueeze(-1)], -1).mT).transpose(0, 1)
     n = xa.size(0)
@@ -1026,8 +1026,7 @@ def _input_grad(M: Tensor, b: Tensor, At: Tensor, gv: Tensor, xa: Tensor, by_gro
     """Per group, ``M_k Xc + b_k + At_k dL/dy`` in the grouped layout (N, G, g[, L])."""
     # Accumulated into the contiguous GEMM result of _affine.
     if by_groups:
-        rows = torch.baddbmm(b.unsqueeze(-1), M, xa.flatten(2))
-        rows = rows.baddbmm_(At, gv.reshape(*gv.shape[:2], -1))
+        rows = _affine(M, b, xa, flat=True, by_groups=True).baddbmm_(At, gv.reshape(*gv.shape[:2], -1))
         return rows.view(xa.shape).permute(2, 0, 1, 3)
     if gv.dim() == 3:
         out = _affine(M, b, xa)
