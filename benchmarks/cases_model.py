@@ -9,11 +9,11 @@ batches and micro-batches of 4 in the ResNet's batch of 16, of 32 in the MLP's 5
 times the BatchNorm model plus the one computation every exact CBN step adds to it (the derivatives of
 each normalized input's statistics with respect to its producer's weights), so that the cbn row can be
 read against what is unavoidable; a "floor of exact cbn" row adds the reading of a full window that
-the paper's exact per-slot pooling needs at every step, and a "floor of aggregated cbn" row instead the
-least that an approximate window pooled from the sum of its slots would add (keeping that sum, and its
-dot with the weights). A "floor of bkn" row times ghost BN (BKN's
-micro-batches) plus the products every linked BKN layer adds: its prediction through the producer's
-weights and that product's backward.
+the paper's exact per-slot pooling needs at every step (every slot's dmu/dW and dnu/dW times the
+current weights), and a "floor of aggregated cbn" row instead the least that an approximate window
+pooled from the sums of its slots would add (keeping those sums, and their products with the weights).
+A "floor of bkn" row times ghost BN (BKN's micro-batches) plus the products every linked BKN layer adds:
+its prediction through the producer's weights and that product's backward.
 """
 
 from __future__ import annotations
@@ -145,13 +145,13 @@ def _cases(name: str, build, shape: tuple[int, ...]) -> list[Case]:
     for label, slots, aggregated in (
         ("floor of cbn: BatchNorm + dmu/dW, dnu/dW", 0, False),
         (
-            f"floor of exact cbn (window={window}): BatchNorm + dmu/dW, dnu/dW + {window - 1} slot dots",
+            f"floor of exact cbn (window={window}): BatchNorm + dmu/dW, dnu/dW + {window - 1} slots' products with W",
             window - 1,
             False,
         ),
         (
-            f"floor of aggregated cbn (window={window}): BatchNorm + dmu/dW, dnu/dW + the slots' running sum "
-            "and its dot",
+            f"floor of aggregated cbn (window={window}): BatchNorm + dmu/dW, dnu/dW + the slots' running sums "
+            "and their products with W",
             window - 1,
             True,
         ),
@@ -224,30 +224,40 @@ def _with_derivatives(model: nn.Module, slots: int = 0, aggregated: bool = False
     """The BatchNorm model computing, in each training step, what any exact CBN step must add to it: the
     closed-form derivatives of each BatchNorm input's mean and mean square with respect to the weights of
     the layer that produced it (one weight gradient of that layer per step). With ``slots``, also the
-    reading of a full window: each stored iteration's dnu/dW (weight-sized) dotted with the current
-    weights, per channel, which the paper's per-slot max(nu, mu^2) needs at every step (it is not linear,
-    so the slots cannot be summed beforehand). No pooling, no storing.
+    reading of a full window that the paper's per-slot max(nu, mu^2) needs at every step (it is not
+    linear, so the slots cannot be summed beforehand): each stored iteration's mean and mean square moved
+    to the current weights, that is each slot's dmu/dW (one row per slot, the same for all output
+    channels) times the current weights, in one matrix product, and each slot's dnu/dW (weight-sized)
+    dotted with them, per channel. No pooling, no storing.
 
     ``aggregated``: instead, the least an approximate window pooled after summing its slots must do: keep
-    the sum of the last ``slots`` dnu/dW (add this step's, subtract the one that leaves the window, store
-    this step's in its place) and dot that sum with the current weights."""
+    the sums of the last ``slots`` dmu/dW and dnu/dW (add this step's, subtract the one that leaves the
+    window, store this step's in its place) and take each sum's product with the current weights."""
     producers = [m for m in model.modules() if isinstance(m, COMPENSATED)][:-1]  # not the classifier
     window = {p: torch.randn(slots, *p.weight.shape) for p in producers}
     total = {p: window[p].sum(0) for p in producers}
+    fan_in = {p: p.weight[0].numel() for p in producers}
+    mean_rows = {p: torch.randn(slots, fan_in[p]) for p in producers}
+    mean_total = {p: mean_rows[p].sum(0) for p in producers}
     steps = dict.fromkeys(producers, 0)
 
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if module.training:
             count = torch.tensor(float(out.numel() // out.size(1)))
-            _, dsq = producer_derivatives(module, args[0].detach(), out.detach(), count)
+            dmu, dsq = producer_derivatives(module, args[0].detach(), out.detach(), count)
             weight = module.weight.detach().flatten(1)
             if aggregated:
-                leaving = window[module][steps[module] % slots]
+                j = steps[module] % slots
+                leaving, leaving_mean = window[module][j], mean_rows[module][j]
                 total[module].add_(dsq).sub_(leaving)
                 leaving.copy_(dsq)
+                mean_total[module].add_(dmu.flatten()).sub_(leaving_mean)
+                leaving_mean.copy_(dmu.flatten())
                 steps[module] += 1
+                torch.mv(weight, mean_total[module])
                 torch.linalg.vecdot(total[module].flatten(1), weight)
                 return
+            torch.mm(mean_rows[module], weight.t())
             for slot in window[module]:  # slot by slot, as the layer reads large windows
                 torch.linalg.vecdot(slot.flatten(1), weight)
 
