@@ -228,7 +228,8 @@ def _with_derivatives(model: nn.Module, slots: int = 0, aggregated: bool = False
     linear, so the slots cannot be summed beforehand): each stored iteration's mean and mean square moved
     to the current weights, that is each slot's dmu/dW (one row per slot, the same for all output
     channels) times the current weights, in one matrix product, and each slot's dnu/dW (weight-sized)
-    dotted with them, per channel. No pooling, no storing.
+    dotted with them, per channel; then this step's derivatives stored in the place of the oldest. No
+    pooling.
 
     ``aggregated``: instead, the least an approximate window pooled after summing its slots must do: keep
     the sums of the last ``slots`` dmu/dW and dnu/dW (add this step's, subtract the one that leaves the
@@ -242,24 +243,27 @@ def _with_derivatives(model: nn.Module, slots: int = 0, aggregated: bool = False
     steps = dict.fromkeys(producers, 0)
 
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if module.training:
-            count = torch.tensor(float(out.numel() // out.size(1)))
-            dmu, dsq = producer_derivatives(module, args[0].detach(), out.detach(), count)
-            weight = module.weight.detach().flatten(1)
-            if aggregated:
-                j = steps[module] % slots
-                leaving, leaving_mean = window[module][j], mean_rows[module][j]
-                total[module].add_(dsq).sub_(leaving)
-                leaving.copy_(dsq)
-                mean_total[module].add_(dmu.flatten()).sub_(leaving_mean)
-                leaving_mean.copy_(dmu.flatten())
-                steps[module] += 1
-                torch.mv(weight, mean_total[module])
-                torch.linalg.vecdot(total[module].flatten(1), weight)
-                return
+        if not module.training:
+            return
+        count = torch.tensor(float(out.numel() // out.size(1)))
+        dmu, dsq = producer_derivatives(module, args[0].detach(), out.detach(), count)
+        if not slots:
+            return
+        weight = module.weight.detach().flatten(1)
+        j = steps[module] % slots  # the oldest slot, which this step's derivatives replace
+        steps[module] += 1
+        leaving, leaving_mean = window[module][j], mean_rows[module][j]
+        if aggregated:
+            total[module].add_(dsq).sub_(leaving)
+            mean_total[module].add_(dmu.flatten()).sub_(leaving_mean)
+            torch.mv(weight, mean_total[module])
+            torch.linalg.vecdot(total[module].flatten(1), weight)
+        else:
             torch.mm(mean_rows[module], weight.t())
             for slot in window[module]:  # slot by slot, as the layer reads large windows
                 torch.linalg.vecdot(slot.flatten(1), weight)
+        leaving.copy_(dsq)
+        leaving_mean.copy_(dmu.flatten())
 
     for producer in producers:
         producer.register_forward_hook(hook)
