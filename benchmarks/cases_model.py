@@ -10,8 +10,9 @@ times the BatchNorm model plus the one computation every exact CBN step adds to 
 each normalized input's statistics with respect to its producer's weights), so that the cbn row can be
 read against what is unavoidable; a "floor of exact cbn" row adds the reading of a full window that
 the paper's exact per-slot pooling needs at every step (every slot's dmu/dW and dnu/dW times the
-current weights), and a "floor of aggregated cbn" row instead the least that an approximate window
-pooled from the sums of its slots would add (keeping those sums, and their products with the weights).
+current weights, and this step's stored in the oldest slot), and a "floor of aggregated cbn" row instead
+the least that an approximate window pooled from the sums of its slots would add (keeping those sums,
+and their products with the weights).
 A "floor of bkn" row times ghost BN (BKN's micro-batches) plus the products every linked BKN layer adds:
 its prediction through the producer's weights and that product's backward.
 """
@@ -145,7 +146,8 @@ def _cases(name: str, build, shape: tuple[int, ...]) -> list[Case]:
     for label, slots, aggregated in (
         ("floor of cbn: BatchNorm + dmu/dW, dnu/dW", 0, False),
         (
-            f"floor of exact cbn (window={window}): BatchNorm + dmu/dW, dnu/dW + {window - 1} slots' products with W",
+            f"floor of exact cbn (window={window}): BatchNorm + dmu/dW, dnu/dW + {window - 1} slots' products "
+            "with W + this step's stored",
             window - 1,
             False,
         ),
