@@ -239,8 +239,7 @@ def _with_derivatives(model: nn.Module, slots: int = 0, aggregated: bool = False
     producers = [m for m in model.modules() if isinstance(m, COMPENSATED)][:-1]  # not the classifier
     window = {p: torch.randn(slots, *p.weight.shape) for p in producers}
     total = {p: window[p].sum(0) for p in producers}
-    fan_in = {p: p.weight[0].numel() for p in producers}
-    mean_rows = {p: torch.randn(slots, fan_in[p]) for p in producers}
+    mean_rows = {p: torch.randn(slots, p.weight[0].numel()) for p in producers}
     mean_total = {p: mean_rows[p].sum(0) for p in producers}
     steps = dict.fromkeys(producers, 0)
 

@@ -660,7 +660,7 @@ class _Transition(torch.autograd.Function):
             w1, w2 = _tap_sums(weight)
             mu, v = _grouped(e, w1, groups), _grouped(d, w2, groups)
         # One tap: the squared weights are weight-sized, recomputed in the backward, not kept.
-        one_tap = weight[0, 0].numel() == 1
+        one_tap = math.prod(weight.shape[2:]) == 1  # (from the shape: no indexing op per step)
         ctx.save_for_backward(e, d, weight, w1, None if one_tap else w2)
         ctx.settings = groups
         ctx.inputs = (e, d, weight)
